@@ -1,0 +1,49 @@
+# slit-lightning: every target installs what it needs first (into .venv/).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SLIT := $(VENV)/bin/slit
+STAMP := $(VENV)/.installed
+RUNS ?= runs
+DEMO_DIR := $(RUNS)/demo
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-all lint format bench eval-zeroshot tensorboard clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv/ and install the package (editable) with everything it needs
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev,builtin]"
+	@touch $(STAMP)
+
+demo: $(STAMP) ## run the main job on the built-in corpus (offline, CPU)
+	$(SLIT) data synth --out $(DEMO_DIR)/corpus
+	$(SLIT) data check --config conf/data.yaml --data.root $(DEMO_DIR)/corpus --log_dir $(DEMO_DIR)/logs
+	@echo "TensorBoard logs: $(DEMO_DIR)/logs  (make tensorboard)"
+
+test: $(STAMP) ## run the default test suite (no slow, no gpu tests)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP) ## run every CPU test, slow ones included
+	$(PY) -m pytest -q -m "not gpu"
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: $(STAMP) ## apply ruff formatting and safe fixes
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+tensorboard: $(STAMP) ## open the demo's TensorBoard logs
+	$(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/logs
+
+clean: ## remove generated runs (keeps .venv/)
+	rm -rf $(RUNS)

@@ -1,0 +1,132 @@
+"""The `slit` command.
+
+``slit fit|validate|test|predict`` is Lightning's own CLI (LightningCLI, omegaconf parser mode, so
+YAML can interpolate and several ``--config`` files compose). The other sub-commands are ours:
+
+- ``slit data synth``  writes the built-in audio-caption corpus;
+- ``slit data check``  runs the data pipeline over the configured splits and reports clips/s, skips;
+- ``slit data shards`` packs a manifest into WebDataset tar shards for fast streaming.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from slit_lightning.data.sources import DataConfigError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
+    """Lightning's CLI with :class:`AudioTextDataModule` as the data and any LightningModule."""
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    from slit_lightning.data.datamodule import AudioTextDataModule
+
+    return LightningCLI(
+        LightningModule,
+        AudioTextDataModule,
+        subclass_mode_model=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def data_parser() -> Any:
+    """Parser of ``slit data synth|check|shards``."""
+    import argparse
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from slit_lightning.data.datamodule import AudioTextDataModule
+    from slit_lightning.data.shards import write_shards
+    from slit_lightning.data.synth import synthesize_corpus
+
+    synth = ArgumentParser(description="Write the built-in audio-caption corpus.")
+    synth.add_argument("--out", required=True, help="folder to write the corpus into")
+    synth.add_function_arguments(synthesize_corpus, skip={"out_dir", "progress"})
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    check = ArgumentParser(
+        description="Run the data pipeline once over each split and report.",
+        parser_mode="omegaconf",
+    )
+    check.add_argument("--config", action=ActionConfigFile, help="YAML with a data: section")
+    check.add_class_arguments(AudioTextDataModule, "data")
+    check.add_argument("--splits", type=list[str], default=["train", "val", "test", "zeroshot"])
+    check.add_argument("--log_dir", type=str | None, default=None, help="TensorBoard folder")
+    check.add_argument("--max_batches", type=int | None, default=None, help="per split")
+    for other in ("model", "trainer", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything"):
+        # Stage configs carry these sections too; the data pass reads only `data:`.
+        check.add_argument(f"--{other}", type=Any, default=None, help=argparse.SUPPRESS)
+
+    shards = ArgumentParser(description="Pack a manifest/CSV source into WebDataset tar shards.")
+    shards.add_argument("--source", required=True, help="manifest, AudioCaps or Clotho CSV")
+    shards.add_argument("--out", required=True, help="folder for the .tar files")
+    shards.add_function_arguments(write_shards, skip={"source", "out_dir", "progress"})
+
+    parser = ArgumentParser(prog="slit data", description="Data tools.")
+    commands = parser.add_subcommands(dest="command")
+    commands.add_subcommand("synth", synth)
+    commands.add_subcommand("check", check)
+    commands.add_subcommand("shards", shards)
+    return parser
+
+
+def data_command(argv: list[str]) -> None:
+    """Run ``slit data ...``."""
+    from slit_lightning import progress
+
+    cfg = data_parser().parse_args(argv)
+    sub = cfg[cfg.command]
+    if cfg.command == "synth":
+        from slit_lightning.data.synth import synthesize_corpus
+
+        kwargs = {k: v for k, v in sub.items() if k not in ("out", "quiet", "__path__")}
+        with progress.bar("synthesising corpus", quiet=sub.quiet) as tick:
+            counts = synthesize_corpus(sub.out, progress=tick, **kwargs)
+        print(f"corpus written to {sub.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    elif cfg.command == "check":
+        from slit_lightning.data.check import data_pass
+        from slit_lightning.data.datamodule import AudioTextDataModule
+
+        dm = AudioTextDataModule(**sub.data)
+        dm.setup()
+        splits = [s for s in sub.splits if dm.sources.get(s)]
+        for report in data_pass(dm, splits, sub.log_dir, sub.max_batches):
+            print(report.line())
+        if sub.log_dir:
+            print(f"TensorBoard logs: {sub.log_dir}")
+    else:
+        from slit_lightning.data.shards import write_shards
+
+        kwargs = {k: v for k, v in sub.items() if k not in ("source", "out", "__path__")}
+        with progress.bar("writing shards") as tick:
+            counts = write_shards(sub.source, sub.out, progress=tick, **kwargs)
+        print(f"shards in {sub.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `slit` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if (argv and argv[0] in LIGHTNING_COMMANDS) or not argv or argv[0].startswith("-"):
+            lightning_cli(argv)
+        elif argv[0] == "data":
+            data_command(argv[1:])
+        else:
+            known = ", ".join((*LIGHTNING_COMMANDS, "data"))
+            raise SystemExit(f"slit: unknown command {argv[0]!r}; commands: {known}")
+    except DataConfigError as err:
+        # A user's data mistake: one line that names the file and the fix, no traceback.
+        raise SystemExit(f"slit: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

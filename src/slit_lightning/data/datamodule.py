@@ -1,0 +1,194 @@
+"""`AudioTextDataModule`: audio-caption batches for every stage, from any mix of sources."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from slit_lightning.data.audio import seconds_to_samples
+from slit_lightning.data.skips import SkipLedger
+from slit_lightning.data.sources import DataConfigError, Source, SourceSpec, open_source
+from slit_lightning.data.stream import AudioTextStream, CaptionMode
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "val", "test", "zeroshot"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test", "zeroshot")
+SourceList = str | list[str | SourceSpec] | None
+
+
+class StreamLoader(DataLoader):
+    """DataLoader over an :class:`AudioTextStream` that reshuffles per epoch and counts skips.
+
+    Lightning calls ``set_epoch`` on samplers only, and a streaming dataset has none, so the epoch
+    is handed to the dataset here, just before the workers start (workers are not persistent, so
+    each epoch's workers get the new value).
+    """
+
+    def __init__(
+        self, dataset: AudioTextStream, split: str, ledger: SkipLedger, epoch: Any, **kwargs: Any
+    ) -> None:
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.split, self.ledger, self.epoch = split, ledger, epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
+        self.dataset.set_epoch(self.epoch())
+        self.ledger.reset()
+        for batch in super().__iter__():
+            skipped = batch.pop("skipped")
+            self.ledger.add(len(batch["clip_id"]), skipped)
+            self.ledger.check(self.split)
+            if batch["clip_id"]:
+                yield batch
+        self.ledger.check(self.split, final=True)
+        log.info(
+            "%s: %d clips used, %d skipped (%s)",
+            self.split,
+            self.ledger.used,
+            self.ledger.skipped,
+            self.ledger.summary(),
+        )
+
+
+class AudioTextDataModule(LightningDataModule):
+    """Streams audio-caption batches for training and evaluation.
+
+    Each split takes one or more sources (manifest JSONL/CSV, AudioCaps or Clotho CSV, tar shards;
+    see :mod:`slit_lightning.data.sources`). With ``root`` set, splits left empty default to
+    ``{root}/{split}.jsonl`` where that file exists (the built-in corpus layout).
+
+    Batches are dicts: ``audio (B, S)``, ``audio_mask (B, S)``, ``clip_key (B,)`` and lists
+    ``clip_id``, ``caption``, ``captions``, ``labels``, ``qa``, ``name``
+    (see :func:`slit_lightning.data.stream.collate`).
+
+    Args:
+        root: folder holding ``train.jsonl``, ``val.jsonl``, ``test.jsonl``, ``zeroshot.jsonl``.
+        train: training sources (a path, or a list of paths / :class:`SourceSpec`).
+        val: validation sources.
+        test: test sources.
+        zeroshot: sources for the zero-shot split (also what ``predict`` reads).
+        sample_rate: the audio encoder's sample rate; clips are resampled to it.
+        max_seconds: longer clips are cropped (randomly in training, from the start otherwise).
+        batch_size: training batch size per process.
+        eval_batch_size: batch size for val/test/zeroshot (default: ``batch_size``).
+        num_workers: decoding processes per rank (0 decodes in the main process).
+        shuffle_buffer: records held to shuffle streamed shards (1 turns it off).
+        caption_mode: training caption per clip: ``random`` (a new pick each epoch) or ``first``.
+        max_skip_fraction: stop with a clear error when more than this fraction of a split's
+            records in an epoch is unusable (missing, corrupt, silent, empty caption...).
+        silence_peak: clips whose peak amplitude stays below this count as silent and are skipped.
+        seed: seed for the epoch order, shuffle buffer, crops and caption picks.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train: SourceList = None,
+        val: SourceList = None,
+        test: SourceList = None,
+        zeroshot: SourceList = None,
+        sample_rate: int = 16000,
+        max_seconds: float = 10.0,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        caption_mode: CaptionMode = "random",
+        max_skip_fraction: float = 0.05,
+        silence_peak: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if sample_rate <= 0:
+            raise ValueError(f"data.sample_rate must be positive, got {sample_rate}")
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"data.max_skip_fraction must lie in [0, 1], got {max_skip_fraction}")
+        self.save_hyperparameters()
+        self.max_samples = seconds_to_samples(max_seconds, sample_rate)
+        given = {"train": train, "val": val, "test": test, "zeroshot": zeroshot}
+        self.specs = {split: self._specs(split, given[split]) for split in SPLITS}
+        self.sources: dict[str, list[Source]] = {}
+        self.ledgers = {split: SkipLedger(max_skip_fraction) for split in SPLITS}
+        self._epochs = dict.fromkeys(SPLITS, 0)
+
+    def _specs(self, split: str, value: SourceList) -> list[SourceSpec]:
+        if value is None:
+            default = Path(self.hparams.root or "") / f"{split}.jsonl"
+            return [SourceSpec(str(default))] if self.hparams.root and default.is_file() else []
+        items = [value] if isinstance(value, str) else value
+        return [SourceSpec(v) if isinstance(v, str) else v for v in items]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open (and thereby validate) every configured source once."""
+        for split in SPLITS:
+            if split not in self.sources and self.specs[split]:
+                self.sources[split] = [open_source(spec) for spec in self.specs[split]]
+
+    def stream(self, split: Split) -> AudioTextStream:
+        """The dataset of one split, set up for this process's rank."""
+        self.setup()
+        if not self.sources.get(split):
+            raise DataConfigError(
+                f"no {split} data configured: set data.{split} (a manifest, CSV or shards)"
+                " or data.root (a folder with train.jsonl, val.jsonl, ...)"
+            )
+        train = split == "train"
+        hp = self.hparams
+        dataset = AudioTextStream(
+            self.sources[split],
+            sample_rate=hp.sample_rate,
+            max_samples=self.max_samples,
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            train=train,
+            seed=hp.seed,
+            shuffle_buffer=hp.shuffle_buffer,
+            caption_mode=hp.caption_mode if train else "first",
+            silence_peak=hp.silence_peak,
+        )
+        dataset.set_distributed(*self._rank_and_world())
+        return dataset
+
+    def loader(self, split: Split) -> StreamLoader:
+        """A DataLoader for ``split`` (what the ``*_dataloader`` hooks return)."""
+        return StreamLoader(
+            self.stream(split),
+            split,
+            self.ledgers[split],
+            epoch=lambda: self._next_epoch(split),
+            num_workers=self.hparams.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _next_epoch(self, split: str) -> int:
+        # Inside a fit, the trainer's epoch decides (so a resumed run continues the same order).
+        if self.trainer is not None and split == "train":
+            return self.trainer.current_epoch
+        epoch = self._epochs[split]
+        self._epochs[split] += 1
+        return epoch
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def train_dataloader(self) -> StreamLoader:
+        return self.loader("train")
+
+    def val_dataloader(self) -> StreamLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> StreamLoader:
+        return self.loader("test")
+
+    def predict_dataloader(self) -> StreamLoader:
+        return self.loader("zeroshot")

@@ -1,0 +1,179 @@
+"""The streaming dataset: partition sources over ranks and workers, shuffle, decode, batch.
+
+Each sample is read by exactly one worker of one rank per epoch. Units (manifest rows, tar shards)
+are put in one seeded per-epoch order that every worker computes alike; global worker ``g`` of
+``G = world_size * num_workers`` takes units ``g, g + G, ...``. When a source has fewer shards than
+there are workers, every worker reads all shards and keeps every ``G``-th record instead, so no
+sample is lost or repeated either way.
+
+Batching happens here (the DataLoader runs with ``batch_size=None``) so that records skipped for bad
+input never shrink a batch: they travel with the next batch as ``batch["skipped"]`` and are counted in
+the main process (see :class:`slit_lightning.data.skips.SkipLedger`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from slit_lightning.data.audio import AudioError, crop, load_audio, pad_batch
+from slit_lightning.data.sources import Clip, Skip, Source
+
+log = logging.getLogger(__name__)
+
+CaptionMode = Literal["random", "first"]
+
+
+class AudioTextStream(IterableDataset):
+    """Batches of decoded audio and captions from one or more sources.
+
+    Args:
+        sources: readers built by :func:`slit_lightning.data.sources.open_source`.
+        sample_rate: rate the encoder expects; every clip is resampled to it.
+        max_samples: clips are cropped to this many samples (random window when ``train``).
+        batch_size: clips per batch (the last batch of a worker may be smaller).
+        train: shuffle units and records, crop at random, pick a random caption.
+        seed: base seed; the epoch and the worker index are mixed in.
+        shuffle_buffer: records held for shuffling streams (1 disables it).
+        caption_mode: which caption is ``batch["caption"]``: ``random`` (train) or ``first``.
+        silence_peak: clips whose peak amplitude stays below this are skipped as silent.
+    """
+
+    def __init__(
+        self,
+        sources: list[Source],
+        sample_rate: int,
+        max_samples: int,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        caption_mode: CaptionMode = "random",
+        silence_peak: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.sources, self.sample_rate, self.max_samples = sources, sample_rate, max_samples
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.shuffle_buffer, self.caption_mode, self.silence_peak = (
+            shuffle_buffer,
+            caption_mode,
+            silence_peak,
+        )
+        self.epoch, self.rank, self.world_size = 0, 0, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (read when workers start, i.e. at the next ``iter``)."""
+        self.epoch = epoch
+
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        """This process's global rank and the number of ranks sharing the data."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.rank, self.world_size = rank, world_size
+
+    def worker_slot(self) -> tuple[int, int]:
+        """``(g, G)``: this worker's global index and the number of workers over all ranks."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def records(self, g: int, total: int) -> Iterator[Clip | Skip]:
+        """Every record assigned to global worker ``g`` of ``total``, in this epoch's order."""
+        for s, source in enumerate(self.sources):
+            order = np.arange(source.num_units)
+            if self.train:
+                order = np.random.default_rng([self.seed, self.epoch, s]).permutation(order)
+            if source.streams and source.num_units < total:
+                stream = (rec for u in order for rec in source.iter_unit(int(u)))
+                yield from (rec for k, rec in enumerate(stream) if k % total == g)
+            else:
+                for u in order[g::total]:
+                    yield from source.iter_unit(int(u))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        g, total = self.worker_slot()
+        rng = random.Random(f"{self.seed}/{self.epoch}/{g}")
+        crop_gen = torch.Generator().manual_seed(rng.getrandbits(62)) if self.train else None
+        records: Iterable[Clip | Skip] = self.records(g, total)
+        if self.train and self.shuffle_buffer > 1:
+            records = shuffled(records, self.shuffle_buffer, rng)
+        batch: list[dict[str, Any]] = []
+        skipped: list[Skip] = []
+        for record in records:
+            sample = self.prepare(record, rng, crop_gen)
+            if isinstance(sample, Skip):
+                log.warning("skipped %s: %s %s", sample.name, sample.reason, sample.detail)
+                skipped.append(sample)
+                continue
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch, skipped)
+                batch, skipped = [], []
+        if batch or skipped:
+            yield collate(batch, skipped)
+
+    def prepare(
+        self, record: Clip | Skip, rng: random.Random, crop_gen: torch.Generator | None
+    ) -> dict[str, Any] | Skip:
+        """Decode and crop one clip; a :class:`Skip` if it cannot be used."""
+        if isinstance(record, Skip):
+            return record
+        try:
+            wave = load_audio(record.audio, self.sample_rate, record.name, self.silence_peak)
+        except AudioError as err:
+            return Skip(err.name, err.reason, err.detail)
+        wave = crop(wave, self.max_samples, crop_gen)
+        use_random = self.train and self.caption_mode == "random"
+        caption = rng.choice(record.captions) if use_random else record.captions[0]
+        return {
+            "audio": wave,
+            "clip_id": record.clip_id,
+            "clip_key": record.key,
+            "caption": caption,
+            "captions": list(record.captions),
+            "labels": list(record.labels),
+            "qa": [list(pair) for pair in record.qa],
+            "name": record.name,
+        }
+
+
+def shuffled(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Approximate shuffle of a stream with a buffer of ``size`` items."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buffer[k]
+        buffer[k] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def collate(samples: list[dict[str, Any]], skipped: list[Skip]) -> dict[str, Any]:
+    """Stack samples into a batch.
+
+    Returns a dict with ``audio (B, S)`` float, ``audio_mask (B, S)`` bool (True = real samples),
+    ``clip_key (B,)`` int64 (same value for captions of the same clip), and per-sample lists
+    ``clip_id``, ``caption``, ``captions``, ``labels``, ``qa``, ``name``; plus ``skipped``, the
+    records dropped since the previous batch. ``B`` may be 0 when only skips are left.
+    """
+    if samples:
+        audio, mask = pad_batch([s["audio"] for s in samples])
+    else:
+        audio, mask = torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.bool)
+    batch: dict[str, Any] = {"audio": audio, "audio_mask": mask}
+    batch["clip_key"] = torch.tensor([s["clip_key"] for s in samples], dtype=torch.long)
+    for key in ("clip_id", "caption", "captions", "labels", "qa", "name"):
+        batch[key] = [s[key] for s in samples]
+    batch["skipped"] = skipped
+    return batch

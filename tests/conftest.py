@@ -1,0 +1,49 @@
+"""Shared tiny fixtures: audio clips in every supported format, written to tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+FORMATS = {".wav": "PCM_16", ".flac": "PCM_16", ".ogg": "VORBIS", ".mp3": "MPEG_LAYER_III"}
+
+
+def write_tone(
+    path: Path, freq: float = 440.0, seconds: float = 1.0, rate: int = 16000, channels: int = 1
+) -> Path:
+    """A sine tone file; the suffix picks the format."""
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.4 * np.sin(2 * np.pi * freq * t)
+    data = np.stack([wave] * channels, axis=1) if channels > 1 else wave
+    sf.write(str(path), data, rate, subtype=FORMATS[path.suffix])
+    return path
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def clip_dir(tmp_path: Path) -> Path:
+    """Twelve short clips in wav/flac/ogg/mp3, several rates and channel counts, plus a manifest."""
+    rows = []
+    suffixes = list(FORMATS)
+    for i in range(12):
+        suffix = suffixes[i % len(suffixes)]
+        name = f"clip{i:02d}{suffix}"
+        write_tone(tmp_path / name, 200 + 50 * i, 1.0, (8000, 22050, 44100)[i % 3], 1 + i % 2)
+        rows.append(
+            {
+                "id": f"clip{i:02d}",
+                "audio": name,
+                "captions": [f"a tone number {i}", f"tone {i} plays"],
+                "labels": ["tone"],
+            }
+        )
+    write_manifest(tmp_path / "train.jsonl", rows)
+    return tmp_path
