@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,31 +30,70 @@ class StreamLoader(DataLoader):
     Lightning calls ``set_epoch`` on samplers only, and a streaming dataset has none, so the epoch
     is handed to the dataset here, just before the workers start (workers are not persistent, so
     each epoch's workers get the new value).
+
+    Under DDP, ranks may hold a batch more or less than each other at the end of an epoch (the
+    partition is exact, not padded). With ``lockstep`` the ranks agree before every batch and stop
+    together when any of them runs out, since a rank waiting alone in a gradient all-reduce would
+    hang the job; the few clips left over are counted as ``dropped_in_lockstep`` and logged.
     """
 
     def __init__(
-        self, dataset: AudioTextStream, split: str, ledger: SkipLedger, epoch: Any, **kwargs: Any
+        self,
+        dataset: AudioTextStream,
+        split: str,
+        ledger: SkipLedger,
+        epoch: Callable[[], int],
+        lockstep: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
-        self.split, self.ledger, self.epoch = split, ledger, epoch
+        self.split, self.ledger, self.epoch, self.lockstep = split, ledger, epoch, lockstep
+        self.dropped_in_lockstep = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         self.dataset.set_epoch(self.epoch())
         self.ledger.reset()
-        for batch in super().__iter__():
+        self.dropped_in_lockstep = 0
+        batches = self._counted(super().__iter__())
+        for batch in batches:
+            if self.lockstep and not _all_ranks_have(True):
+                self.dropped_in_lockstep = len(batch["clip_id"]) + sum(
+                    len(b["clip_id"]) for b in batches
+                )
+                break
+            yield batch
+        else:
+            if self.lockstep:
+                _all_ranks_have(False)
+        self.ledger.check(self.split, final=True)
+        log.info(
+            "%s: %d clips used, %d skipped (%s)%s",
+            self.split,
+            self.ledger.used,
+            self.ledger.skipped,
+            self.ledger.summary(),
+            f", {self.dropped_in_lockstep} left over to keep ranks in step"
+            if self.dropped_in_lockstep
+            else "",
+        )
+
+    def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
             skipped = batch.pop("skipped")
             self.ledger.add(len(batch["clip_id"]), skipped)
             self.ledger.check(self.split)
             if batch["clip_id"]:
                 yield batch
-        self.ledger.check(self.split, final=True)
-        log.info(
-            "%s: %d clips used, %d skipped (%s)",
-            self.split,
-            self.ledger.used,
-            self.ledger.skipped,
-            self.ledger.summary(),
-        )
+
+
+def _all_ranks_have(have: bool) -> bool:
+    """True when every rank has a next batch (one tiny all-reduce)."""
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    flag = torch.tensor([int(have)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 class AudioTextDataModule(LightningDataModule):
@@ -157,11 +196,15 @@ class AudioTextDataModule(LightningDataModule):
 
     def loader(self, split: Split) -> StreamLoader:
         """A DataLoader for ``split`` (what the ``*_dataloader`` hooks return)."""
+        dataset = self.stream(split)
         return StreamLoader(
-            self.stream(split),
+            dataset,
             split,
             self.ledgers[split],
             epoch=lambda: self._next_epoch(split),
+            # Training steps all-reduce gradients, so ranks must run the same number of them;
+            # evaluation keeps every clip (metrics are gathered, not stepped).
+            lockstep=split == "train" and dataset.world_size > 1 and dist.is_initialized(),
             num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
