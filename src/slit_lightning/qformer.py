@@ -1,0 +1,552 @@
+"""The Q-Former: learned queries that read frozen audio features, BERT layers shared with text.
+
+Data flow: audio features `(B, T, D_a)` -> per-layer cross-attention keys/values (`AudioKV`) ->
+query outputs `(B, N, H)`. Text `(B, L)` token ids share the self-attention layers with the queries;
+an attention mode decides who sees whom (see `attention_mask`). Only queries cross-attend to audio,
+in layers `i % cross_attention_freq == 0`, and queries and text have separate feed-forward blocks
+(BLIP-2's ``intermediate_query`` / ``output_query``). A tied BERT-style LM head turns text states into
+logits. Plain PyTorch; weights load from BERT (`QFormer.from_bert`) or from BLIP-2 / InstructBLIP /
+LAVIS checkpoints (`QFormer.from_state_dict`, key mapping in `slit_lightning.qformer_convert`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slit_lightning.qformer_convert import (
+    Layout,
+    check_fit,
+    from_qformer,
+    hf_config_values,
+    infer_sizes,
+    load_bert,
+    minilm_path,
+    summarize,
+    to_qformer,
+)
+
+__all__ = [
+    "AttentionMode",
+    "AudioKV",
+    "QFormer",
+    "QFormerConfig",
+    "QFormerOutput",
+    "attention_mask",
+    "minilm_path",
+]
+
+AttentionMode = Literal["unimodal", "bidirectional", "causal", "instruction"]
+"""Who sees whom in [queries; text]:
+
+- ``"unimodal"``: queries see queries, text sees text (contrastive loss);
+- ``"bidirectional"``: everyone sees everyone (matching loss);
+- ``"causal"``: queries see queries; text sees all queries and earlier text (generation loss);
+- ``"instruction"``: the instruction text follows the queries with full attention between them
+  (InstructBLIP); the same mask as ``"bidirectional"``, named for its use.
+"""
+Activation = Literal["gelu", "gelu_tanh", "relu"]
+
+
+@dataclass
+class QFormerConfig:
+    """Sizes of a Q-Former; the defaults are BLIP-2's (bert-base, 32 queries)."""
+
+    hidden_size: int = 768
+    """Width H of queries and text states."""
+    num_layers: int = 12
+    """Number of transformer layers."""
+    num_heads: int = 12
+    """Attention heads per layer (self- and cross-attention)."""
+    intermediate_size: int = 3072
+    """Inner width of the feed-forward blocks."""
+    num_queries: int = 32
+    """Number N of learned query embeddings."""
+    cross_attention_freq: int = 2
+    """Layer i cross-attends to audio when i % cross_attention_freq == 0."""
+    encoder_width: int = 768
+    """Width D_a of the audio features."""
+    vocab_size: int = 30522
+    """Text vocabulary size (bert-base-uncased's)."""
+    max_position_embeddings: int = 512
+    """Longest text, in tokens."""
+    layer_norm_eps: float = 1e-12
+    """Epsilon of every LayerNorm."""
+    dropout: float = 0.1
+    """Dropout on embeddings and on each block's output."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    hidden_act: Activation = "gelu"
+    """Feed-forward and LM-head activation ("gelu" is the exact erf form)."""
+    pad_token_id: int = 0
+    """Padding token id; its embedding row gets no gradient."""
+    initializer_range: float = 0.02
+    """Std of the normal init of new weights and of the query embeddings."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}"
+            )
+        if self.cross_attention_freq < 1 or self.num_queries < 1 or self.num_layers < 1:
+            raise ValueError(
+                "cross_attention_freq, num_queries and num_layers must be >= 1, got "
+                f"{self.cross_attention_freq}, {self.num_queries}, {self.num_layers}"
+            )
+        if self.hidden_act not in get_args(Activation):
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r}; choose one of {get_args(Activation)}"
+            )
+
+    def has_cross_attention(self, layer_idx: int) -> bool:
+        return layer_idx % self.cross_attention_freq == 0
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides: Any) -> QFormerConfig:
+        """From a transformers `BertConfig`, `Blip2QFormerConfig` or `InstructBlipQFormerConfig`.
+
+        `overrides` (e.g. `num_queries=32, encoder_width=1024`) win over what the config says.
+        """
+        return cls(**{**hf_config_values(hf_config), **overrides})
+
+
+@dataclass
+class QFormerOutput:
+    """Final hidden states; a part is None when it was not in the input."""
+
+    query: Tensor | None
+    """(B, N, H) query outputs."""
+    text: Tensor | None
+    """(B, L, H) text outputs."""
+
+
+@dataclass
+class AudioKV:
+    """Cross-attention keys and values of a batch of clips, computed once, reused by every pass."""
+
+    layers: dict[int, tuple[Tensor, Tensor]]
+    """Layer index -> (keys, values), each (B, heads, T, head_dim)."""
+    mask: Tensor | None
+    """(B, 1, 1, T) bool, True = attend; None = no padding."""
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[0]
+
+    def select(self, index: Tensor) -> AudioKV:
+        """Rows `index` (B',) of every layer's keys/values: re-pairs clips without re-projecting."""
+        return AudioKV(
+            {
+                i: (k.index_select(0, index), v.index_select(0, index))
+                for i, (k, v) in self.layers.items()
+            },
+            None if self.mask is None else self.mask.index_select(0, index),
+        )
+
+
+def _activation(name: Activation, x: Tensor) -> Tensor:
+    if name == "relu":
+        return F.relu(x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+class Attention(nn.Module):
+    """Multi-head attention, residual, post-LayerNorm (BERT); keys/values from `kv_width` features."""
+
+    def __init__(self, config: QFormerConfig, kv_width: int) -> None:
+        super().__init__()
+        width = config.hidden_size
+        self.num_heads = config.num_heads
+        self.attention_dropout = config.attention_dropout
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+        self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, S, H) -> (B, heads, S, H / heads)."""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S, D) -> keys, values, each (B, heads, S, H / heads)."""
+        return self.split_heads(self.key(source)), self.split_heads(self.value(source))
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """x (B, S, H) attends to itself, or to precomputed `kv`; mask (B|1, 1, S, S_kv) bool."""
+        keys, values = self.keys_values(x) if kv is None else kv
+        context = F.scaled_dot_product_attention(
+            self.split_heads(self.query(x)),
+            keys,
+            values,
+            attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        return self.norm(x + self.dropout(self.out(context.transpose(1, 2).flatten(2))))
+
+
+class FeedForward(nn.Module):
+    """BERT feed-forward block: dense, activation, dense, residual, post-LayerNorm."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.act = config.hidden_act
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, S, H) -> (B, S, H)."""
+        return self.norm(x + self.dropout(self.fc2(_activation(self.act, self.fc1(x)))))
+
+
+class QFormerLayer(nn.Module):
+    """Self-attention over [queries; text], cross-attention of the queries, two feed-forwards."""
+
+    def __init__(self, config: QFormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, config.hidden_size)
+        self.cross_attn = (
+            Attention(config, config.encoder_width)
+            if config.has_cross_attention(layer_idx)
+            else None
+        )
+        self.ffn = FeedForward(config)
+        self.ffn_query = FeedForward(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        num_queries: int,
+        mask: Tensor | None,
+        audio_kv: tuple[Tensor, Tensor] | None,
+        audio_mask: Tensor | None,
+    ) -> Tensor:
+        """x (B, N + L, H) -> (B, N + L, H); the first `num_queries` positions are queries."""
+        x = self.self_attn(x, mask)
+        if num_queries == 0:
+            return self.ffn(x)
+        queries, text = x[:, :num_queries], x[:, num_queries:]
+        if self.cross_attn is not None:
+            queries = self.cross_attn(queries, audio_mask, kv=audio_kv)
+        queries = self.ffn_query(queries)
+        if text.shape[1] == 0:
+            return queries
+        return torch.cat([queries, self.ffn(text)], dim=1)
+
+
+class TextEmbeddings(nn.Module):
+    """Word + absolute position embeddings; queries are prepended; one LayerNorm and dropout on all."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, text_ids: Tensor | None, queries: Tensor | None) -> Tensor:
+        """text_ids (B, L), queries (B, N, H) -> (B, N + L, H); text positions count from 0."""
+        parts = [] if queries is None else [queries]
+        if text_ids is not None:
+            length = text_ids.shape[1]
+            if length > self.position.num_embeddings:
+                raise ValueError(
+                    f"text of {length} tokens is longer than max_position_embeddings="
+                    f"{self.position.num_embeddings}; truncate it in the tokenizer"
+                )
+            positions = torch.arange(length, device=text_ids.device)
+            parts.append(self.word(text_ids) + self.position(positions))
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.dropout(self.norm(x))
+
+
+class LMHead(nn.Module):
+    """BERT's MLM head: dense, activation, LayerNorm, then the (tied) word embeddings and a bias."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.act = config.hidden_act
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: Tensor, word_embeddings: Tensor) -> Tensor:
+        """x (B, L, H), word_embeddings (V, H) -> logits (B, L, V)."""
+        return F.linear(self.norm(_activation(self.act, self.dense(x))), word_embeddings, self.bias)
+
+
+def attention_mask(
+    mode: AttentionMode,
+    num_queries: int,
+    text_mask: Tensor | None,
+    text_len: int,
+    device: torch.device | str | None = None,
+) -> Tensor | None:
+    """Self-attention mask over [queries; text]: (B|1, 1, N + L, N + L) bool, True = may attend.
+
+    `text_mask` (B, L) marks real tokens (True/1) and padding (False/0); padding is never attended
+    to. None means no masking at all (full attention, no padding), which lets SDPA pick its fastest
+    kernel. The mask lives on `text_mask`'s device, else on `device`.
+    """
+    if mode not in get_args(AttentionMode):
+        raise ValueError(f"attention mode {mode!r}; choose one of {get_args(AttentionMode)}")
+    n, size = num_queries, num_queries + text_len
+    # the block pattern is tiny: built on the CPU, so asking whether it is all-True costs no sync
+    allowed = torch.ones(size, size, dtype=torch.bool)
+    allowed[:n, n:] = mode in ("bidirectional", "instruction")
+    allowed[n:, :n] = mode != "unimodal"
+    if mode == "causal":
+        allowed[n:, n:] = allowed[n:, n:].tril()
+    if text_mask is None:
+        return None if bool(allowed.all()) else allowed.to(device)[None, None]
+    keys = torch.cat([text_mask.new_ones(text_mask.shape[0], n), text_mask], dim=1).bool()
+    allowed = allowed.to(text_mask.device) & keys[:, None, :]
+    # A padding row that may see nothing would give NaN; let it see itself (its output is unused).
+    eye = torch.eye(size, dtype=torch.bool, device=text_mask.device)
+    return (allowed | (eye & ~allowed.any(-1, keepdim=True)))[:, None]
+
+
+def _check_text(text_ids: Tensor | None, text_mask: Tensor | None, batch: int | None) -> None:
+    """Text (B', L) must fit its mask and the queries' batch `batch` (None: no queries)."""
+    if text_ids is None:
+        if batch is None:
+            raise ValueError("nothing to encode: pass text_ids, or use_queries=True with audio")
+        if text_mask is not None:
+            raise ValueError("text_mask given without text_ids")
+        return
+    if text_mask is not None and text_mask.shape != text_ids.shape:
+        raise ValueError(f"text_mask {tuple(text_mask.shape)} != text_ids {tuple(text_ids.shape)}")
+    if batch is not None and text_ids.shape[0] != batch:
+        raise ValueError(
+            f"text batch {text_ids.shape[0]} != audio batch {batch}; "
+            "pass audio_index to pair clips with texts"
+        )
+
+
+def _audio_attention_mask(audio_mask: Tensor | None) -> Tensor | None:
+    """(B, T) True = valid frame -> (B, 1, 1, T); a clip without valid frames attends to all."""
+    if audio_mask is None:
+        return None
+    audio_mask = audio_mask.bool()
+    return (audio_mask | ~audio_mask.any(-1, keepdim=True))[:, None, None]
+
+
+class QFormer(nn.Module):
+    """Learned queries + BERT layers shared with text; queries cross-attend to audio features."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_queries, config.hidden_size))
+        self.embeddings = TextEmbeddings(config)
+        self.layers = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_layers))
+        self.lm_head = LMHead(config)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """BERT's init: weights N(0, initializer_range), biases 0, LayerNorms 1/0, queries N(0, std)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.lm_head.bias)
+        nn.init.normal_(self.query_tokens, std=std)
+
+    @property
+    def num_queries(self) -> int:
+        return self.config.num_queries
+
+    def audio_keys_values(self, audio: Tensor, audio_mask: Tensor | None = None) -> AudioKV:
+        """Project audio (B, T, D_a) once for every cross-attention layer; audio_mask (B, T) True = valid."""
+        if audio.shape[-1] != self.config.encoder_width:
+            raise ValueError(
+                f"audio features have width {audio.shape[-1]} but encoder_width="
+                f"{self.config.encoder_width}; set QFormerConfig.encoder_width to the encoder's width"
+            )
+        if audio_mask is not None and audio_mask.shape != audio.shape[:2]:
+            raise ValueError(
+                f"audio_mask {tuple(audio_mask.shape)} does not match audio {tuple(audio.shape)}"
+            )
+        audio = audio.to(self.query_tokens.dtype)
+        layers = {
+            i: layer.cross_attn.keys_values(audio)
+            for i, layer in enumerate(self.layers)
+            if layer.cross_attn is not None
+        }
+        return AudioKV(layers, _audio_attention_mask(audio_mask))
+
+    def forward(
+        self,
+        audio: Tensor | None = None,
+        audio_mask: Tensor | None = None,
+        text_ids: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        mode: AttentionMode = "unimodal",
+        *,
+        audio_kv: AudioKV | None = None,
+        audio_index: Tensor | None = None,
+        use_queries: bool = True,
+    ) -> QFormerOutput:
+        """Encode queries (reading the audio) and/or text.
+
+        Args:
+            audio: (B, T, D_a) frozen-encoder features, or None when `audio_kv` is given.
+            audio_mask: (B, T) bool, True = valid frame; None = no padding.
+            text_ids: (B', L) token ids, or None for queries alone.
+            text_mask: (B', L) 1 = token, 0 = padding; None = no padding.
+            mode: who sees whom (`AttentionMode`); padding is respected in every mode.
+            audio_kv: `audio_keys_values(...)` computed earlier, instead of `audio`.
+            audio_index: (B',) rows of the audio batch that pair with the text rows (hard negatives).
+            use_queries: False encodes the text alone (the contrastive loss's text encoder).
+
+        Returns:
+            `QFormerOutput(query=(B', N, H) | None, text=(B', L, H) | None)`.
+        """
+        kv = self._audio_kv(audio, audio_mask, audio_kv, audio_index) if use_queries else None
+        queries = None if kv is None else self.query_tokens.expand(kv.batch_size, -1, -1)
+        _check_text(text_ids, text_mask, None if queries is None else queries.shape[0])
+        n = 0 if queries is None else queries.shape[1]
+        length = 0 if text_ids is None else text_ids.shape[1]
+        x = self.embeddings(text_ids, queries)
+        mask = attention_mask(mode, n, text_mask, length, x.device)
+        for i, layer in enumerate(self.layers):
+            layer_kv = None if kv is None else kv.layers.get(i)
+            x = layer(x, n, mask, layer_kv, None if kv is None else kv.mask)
+        return QFormerOutput(
+            query=x[:, :n] if n else None, text=x[:, n:] if text_ids is not None else None
+        )
+
+    def _audio_kv(
+        self,
+        audio: Tensor | None,
+        audio_mask: Tensor | None,
+        audio_kv: AudioKV | None,
+        audio_index: Tensor | None,
+    ) -> AudioKV:
+        if (audio is None) == (audio_kv is None):
+            raise ValueError("the queries need exactly one of audio and audio_kv")
+        if audio_kv is None:
+            audio_kv = self.audio_keys_values(audio, audio_mask)
+        elif audio_mask is not None:
+            raise ValueError("audio_mask goes to audio_keys_values(), not with audio_kv")
+        return audio_kv if audio_index is None else audio_kv.select(audio_index)
+
+    def lm_logits(self, text_hidden: Tensor) -> Tensor:
+        """Text states (B, L, H) -> vocabulary logits (B, L, V) through the tied LM head."""
+        return self.lm_head(text_hidden, self.embeddings.word.weight)
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """Resize the (tied) vocabulary, e.g. after adding BLIP-2's ``[DEC]`` token to the tokenizer.
+
+        Existing rows are kept, new rows start N(0, initializer_range) with a zero bias. Build the
+        optimizer afterwards: the embedding and bias are new parameters.
+        """
+        old = self.embeddings.word
+        word = nn.Embedding(vocab_size, old.embedding_dim, old.padding_idx).to(old.weight)
+        bias = torch.zeros_like(word.weight[:, 0])
+        nn.init.normal_(word.weight, std=self.config.initializer_range)
+        keep = min(vocab_size, old.num_embeddings)
+        with torch.no_grad():
+            word.weight[:keep] = old.weight[:keep]
+            bias[:keep] = self.lm_head.bias[:keep]
+        self.embeddings.word = word
+        self.lm_head.bias = nn.Parameter(bias)
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_bert(
+        cls,
+        name_or_path: str,
+        num_queries: int = QFormerConfig.num_queries,
+        cross_attention_freq: int = QFormerConfig.cross_attention_freq,
+        encoder_width: int = QFormerConfig.encoder_width,
+    ) -> QFormer:
+        """A Q-Former initialised from a BERT checkpoint (hub id or local folder), as BLIP-2 does.
+
+        Copies embeddings, self-attention, feed-forward and the MLM head transform when the
+        checkpoint has one (fresh init otherwise); the query feed-forward starts as a copy of the
+        text one; queries and cross-attention are new. Sizes come from the BERT config.
+        """
+        values, weights = load_bert(name_or_path)
+        config = QFormerConfig(
+            **values,
+            num_queries=num_queries,
+            cross_attention_freq=cross_attention_freq,
+            encoder_width=encoder_width,
+        )
+        model = cls(config)
+        missing, _ = model.load_state_dict(weights, strict=False)
+        new = [
+            k
+            for k in missing
+            if not k.startswith(("query_tokens", "lm_head.")) and ".cross_attn." not in k
+        ]
+        assert not new, f"BERT conversion left weights out: {summarize(new)}"
+        return model
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, Tensor],
+        layout: Layout,
+        config: QFormerConfig | None = None,
+        strict: bool = True,
+    ) -> QFormer:
+        """A Q-Former holding a BLIP-2 / InstructBLIP / LAVIS checkpoint's weights.
+
+        Args:
+            state_dict: the Q-Former's weights, alone or inside a whole model's state dict (other
+                parts, e.g. ``vision_model.*``, are left out).
+            layout: "hf_blip2", "hf_instructblip", "lavis" or "bert" (see `qformer_convert`).
+            config: sizes; None reads them from the tensor shapes and takes the heads, eps and
+                dropout from `QFormerConfig`'s defaults (BLIP-2's).
+            strict: raise when the checkpoint lacks some of our weights (e.g. the LM head, which
+                transformers' checkpoints do not hold); False keeps them at their fresh init, with
+                a warning naming them.
+
+        Raises:
+            KeyError / ValueError naming the keys that do not fit (unknown, missing, wrong shape).
+        """
+        weights, origin = to_qformer(state_dict, layout)
+        model = cls(config or QFormerConfig(**infer_sizes(weights)))
+        model.load_converted(weights, origin, strict=strict)
+        return model
+
+    def load_converted(
+        self,
+        weights: Mapping[str, Tensor],
+        origin: Mapping[str, str] | None = None,
+        strict: bool = True,
+    ) -> None:
+        """Load our-named weights; every key and shape must fit (`origin` names them in messages)."""
+        missing = check_fit(self.state_dict(), weights, origin or {}, strict)
+        if missing:
+            warnings.warn(
+                f"Q-Former weights kept at fresh init: {summarize(missing)}", stacklevel=2
+            )
+        self.load_state_dict(weights, strict=False)
+
+    def export_state_dict(self, layout: Layout) -> dict[str, Tensor]:
+        """Our weights under `layout`'s names, as a whole model of that layout stores them."""
+        return from_qformer(self.state_dict(), layout)

@@ -1,0 +1,105 @@
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from slit_lightning.cli import data_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_yaml_in_conf_parses():
+    configs = sorted((REPO / "conf").rglob("*.yaml"))
+    assert configs
+    for config in configs:
+        data_parser().parse_args(["check", "--config", str(config)])
+
+
+def test_synth_then_data_check_reports_and_logs_to_tensorboard(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    main(
+        ["data", "synth", "--out", str(corpus), "--clips", "24", "--clip_seconds", "1.0", "--quiet"]
+    )
+    assert {p.name for p in corpus.glob("*.jsonl")} == {
+        "train.jsonl",
+        "val.jsonl",
+        "test.jsonl",
+        "zeroshot.jsonl",
+    }
+    rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()]
+    main(
+        [
+            "data",
+            "check",
+            "--config",
+            str(REPO / "conf" / "data.yaml"),
+            "--data.root",
+            str(corpus),
+            "--data.num_workers",
+            "0",
+            "--log_dir",
+            str(tmp_path / "tb"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert f"train: {len(rows)} clips" in out and "skipped 0" in out
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert events.Scalars("data/train/clips")[0].value == len(rows)
+
+
+def test_shards_command_packs_a_manifest(clip_dir, capsys):
+    main(
+        [
+            "data",
+            "shards",
+            "--source",
+            str(clip_dir / "train.jsonl"),
+            "--out",
+            str(clip_dir / "sh"),
+            "--per_shard",
+            "5",
+        ]
+    )
+    assert "written 12, skipped 0, shards 3" in capsys.readouterr().out
+    assert len(list((clip_dir / "sh").glob("shard-*.tar"))) == 3
+
+
+def test_data_mistakes_end_in_one_line_naming_the_file(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["data", "check", "--data.train", str(tmp_path / "gone.jsonl")])
+    message = str(info.value)
+    assert message.startswith("slit: ") and "gone.jsonl: manifest not found" in message
+    assert "\n" not in message
+
+
+def test_unknown_command_lists_the_commands():
+    with pytest.raises(SystemExit, match="unknown command 'frobnicate'.*fit.*data"):
+        main(["frobnicate"])
+
+
+def test_lightning_cli_takes_the_data_section_from_yaml(clip_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data:\n"
+        f"  train: [{{path: {clip_dir / 'train.jsonl'}, allow_outside_root: false}}]\n"
+        "  batch_size: 3\n"
+        "  num_workers: 0\n"
+        "  max_seconds: ${data.batch_size}\n"  # omegaconf interpolation works in YAML
+        "model:\n"
+        "  class_path: tests.data.test_bad_input._Consumer\n"
+        "trainer:\n"
+        f"  default_root_dir: {tmp_path}\n"
+        "  accelerator: cpu\n"
+        "  max_epochs: 1\n"
+        "  logger: false\n"
+        "  enable_checkpointing: false\n"
+        "  enable_progress_bar: false\n"
+    )
+    from slit_lightning.cli import lightning_cli
+
+    cli = lightning_cli(["fit", "--config", str(config)])
+    assert cli.datamodule.hparams.max_seconds == 3
+    assert cli.datamodule.specs["train"][0].path == str(clip_dir / "train.jsonl")
+    assert sorted(cli.model.epochs[0]) == [f"clip{i:02d}" for i in range(12)]
