@@ -47,3 +47,16 @@ def clip_dir(tmp_path: Path) -> Path:
         )
     write_manifest(tmp_path / "train.jsonl", rows)
     return tmp_path
+
+
+@pytest.fixture
+def many_clips(tmp_path):
+    """23 tiny clips (an odd count, so no split divides it evenly) and a manifest."""
+    tone = write_tone(tmp_path / "base.wav", 300.0, 0.1).read_bytes()
+    rows = []
+    for i in range(23):
+        (tmp_path / f"c{i:02d}.wav").write_bytes(tone)
+        rows.append(
+            {"id": f"c{i:02d}", "audio": f"c{i:02d}.wav", "captions": [f"cap {i}", f"alt {i}"]}
+        )
+    return write_manifest(tmp_path / "m.jsonl", rows)

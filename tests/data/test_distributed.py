@@ -8,7 +8,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from slit_lightning.data.datamodule import AudioTextDataModule
-from tests.data.test_stream import many_clips  # noqa: F401  (fixture)
 
 
 def _free_port() -> int:

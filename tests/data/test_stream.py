@@ -9,19 +9,6 @@ from slit_lightning.data.sources import open_source
 from tests.conftest import write_manifest, write_tone
 
 
-@pytest.fixture
-def many_clips(tmp_path):
-    """23 tiny clips (an odd count, so no split divides it evenly) and a manifest."""
-    tone = write_tone(tmp_path / "base.wav", 300.0, 0.1).read_bytes()
-    rows = []
-    for i in range(23):
-        (tmp_path / f"c{i:02d}.wav").write_bytes(tone)
-        rows.append(
-            {"id": f"c{i:02d}", "audio": f"c{i:02d}.wav", "captions": [f"cap {i}", f"alt {i}"]}
-        )
-    return write_manifest(tmp_path / "m.jsonl", rows)
-
-
 def ids_seen(spec: str, rank: int, world: int, workers: int, epoch: int = 0, train=True) -> list:
     dm = AudioTextDataModule(train=spec, val=spec, batch_size=4, num_workers=workers, seed=3)
     dm._rank_and_world = lambda: (rank, world)
