@@ -23,10 +23,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev,builtin]"
 	@touch $(STAMP)
 
-demo: $(STAMP) ## run the main job on the built-in corpus (offline, CPU)
-	$(SLIT) data synth --out $(DEMO_DIR)/corpus
+demo: $(DEMO_DIR)/corpus/corpus.json ## run the main job on the built-in corpus (offline, CPU)
 	$(SLIT) data check --config conf/data.yaml --data.root $(DEMO_DIR)/corpus --log_dir $(DEMO_DIR)/logs
-	@echo "TensorBoard logs: $(DEMO_DIR)/logs  (make tensorboard)"
+
+# corpus.json is written last, so its presence means a complete corpus
+$(DEMO_DIR)/corpus/corpus.json: $(STAMP)
+	$(SLIT) data synth --out $(DEMO_DIR)/corpus
 
 test: $(STAMP) ## run the default test suite (no slow, no gpu tests)
 	$(PY) -m pytest -q

@@ -101,7 +101,7 @@ def data_command(argv: list[str]) -> None:
         for report in data_pass(dm, splits, sub.log_dir, sub.max_batches):
             print(report.line())
         if sub.log_dir:
-            print(f"TensorBoard logs: {sub.log_dir}")
+            print(f"TensorBoard logs: {sub.log_dir}  (tensorboard --logdir {sub.log_dir})")
     else:
         from slit_lightning.data.shards import write_shards
 
