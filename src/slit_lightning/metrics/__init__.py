@@ -1,0 +1,1 @@
+"""Evaluation metrics: retrieval (captioning, classification and QA follow)."""
