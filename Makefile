@@ -23,12 +23,18 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev,builtin]"
 	@touch $(STAMP)
 
-demo: $(DEMO_DIR)/corpus/corpus.json ## run the main job on the built-in corpus (offline, CPU)
-	$(SLIT) data check --config conf/data.yaml --data.root $(DEMO_DIR)/corpus --log_dir $(DEMO_DIR)/logs
+demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors ## run the main job on the built-in corpus (offline, CPU)
+	$(SLIT) data check --config conf/data.yaml --data.root $(DEMO_DIR)/corpus --log_dir $(DEMO_DIR)/logs/data
+	$(SLIT) fit --config conf/stage1.yaml
+	$(SLIT) test --config conf/stage1.yaml --ckpt_path $(DEMO_DIR)/stage1/checkpoints/last.ckpt
+	@echo "TensorBoard logs: $(DEMO_DIR)/logs  (make tensorboard)"
 
 # corpus.json is written last, so its presence means a complete corpus
 $(DEMO_DIR)/corpus/corpus.json: $(STAMP)
 	$(SLIT) data synth --out $(DEMO_DIR)/corpus
+
+$(DEMO_DIR)/encoder/model.safetensors: $(DEMO_DIR)/corpus/corpus.json
+	$(SLIT) bootstrap encoder --corpus $(DEMO_DIR)/corpus --out $(DEMO_DIR)/encoder
 
 test: $(STAMP) ## run the default test suite (no slow, no gpu tests)
 	$(PY) -m pytest -q

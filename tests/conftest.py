@@ -60,3 +60,47 @@ def many_clips(tmp_path):
             {"id": f"c{i:02d}", "audio": f"c{i:02d}.wav", "captions": [f"cap {i}", f"alt {i}"]}
         )
     return write_manifest(tmp_path / "m.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer, width-32 random BERT with the real bert-base-uncased tokenizer, saved locally."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from slit_lightning.qformer import minilm_path
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    tokenizer.save_pretrained(path)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """The project's small audio encoder at toy size (random weights), saved locally."""
+    import torch
+
+    from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
+
+    path = tmp_path_factory.mktemp("tiny_encoder")
+    config = SmallAudioConfig(
+        n_mels=16,
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=48,
+    )
+    torch.manual_seed(0)
+    SmallAudioModel(config).save_pretrained(path)
+    return path

@@ -9,11 +9,33 @@ from slit_lightning.cli import data_parser, main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_every_yaml_in_conf_parses():
+def test_every_yaml_in_conf_parses_as_data_config():
     configs = sorted((REPO / "conf").rglob("*.yaml"))
     assert configs
     for config in configs:
         data_parser().parse_args(["check", "--config", str(config)])
+
+
+def stage_configs() -> list[list[str]]:
+    """Each stage config alone, and each experiment composed on top of its stage."""
+    stages = sorted(p for p in (REPO / "conf").glob("stage*.yaml"))
+    runs = [[str(p)] for p in stages]
+    for experiment in sorted((REPO / "experiments").rglob("*.yaml")):
+        base = REPO / "conf" / (experiment.name.split("_")[0] + ".yaml")
+        runs.append([str(base), str(experiment)])
+    return runs
+
+
+@pytest.mark.parametrize("configs", stage_configs(), ids=lambda c: Path(c[-1]).name)
+def test_stage_and_experiment_configs_parse_through_lightning_cli(configs, capsys):
+    from slit_lightning.cli import lightning_cli
+
+    args = ["fit"] + [arg for c in configs for arg in ("--config", c)] + ["--print_config"]
+    with pytest.raises(SystemExit) as info:
+        lightning_cli(args)
+    assert info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: slit_lightning.stages." in printed and "data:" in printed
 
 
 def test_synth_then_data_check_reports_and_logs_to_tensorboard(tmp_path, capsys):
@@ -103,3 +125,54 @@ def test_lightning_cli_takes_the_data_section_from_yaml(clip_dir, tmp_path):
     assert cli.datamodule.hparams.max_seconds == 3
     assert cli.datamodule.specs["train"][0].path == str(clip_dir / "train.jsonl")
     assert sorted(cli.model.epochs[0]) == [f"clip{i:02d}" for i in range(12)]
+
+
+def test_built_in_chain_synth_bootstrap_stage1_fast_dev_run(tmp_path, tiny_bert, capsys):
+    corpus, encoder = tmp_path / "corpus", tmp_path / "encoder"
+    main(
+        ["data", "synth", "--out", str(corpus), "--clips", "24", "--clip_seconds", "1.0", "--quiet"]
+    )
+    main(
+        [
+            "bootstrap",
+            "encoder",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(encoder),
+            "--epochs",
+            "1",
+            "--quiet",
+        ]
+    )
+    assert "audio encoder in" in capsys.readouterr().out
+    assert (encoder / "config.json").is_file() and (encoder / "model.safetensors").is_file()
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "conf" / "stage1.yaml"),
+            "--model.encoder",
+            str(encoder),
+            "--model.bert",
+            str(tiny_bert),
+            "--model.num_queries",
+            "4",
+            "--data.root",
+            str(corpus),
+            "--data.num_workers",
+            "0",
+            "--data.batch_size",
+            "4",
+            "--data.max_seconds",
+            "1.0",
+            "--trainer.fast_dev_run",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--trainer.logger",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+        ]
+    )

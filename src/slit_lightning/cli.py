@@ -24,8 +24,10 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
     from lightning.pytorch import LightningModule
     from lightning.pytorch.cli import LightningCLI
 
+    import slit_lightning.stages  # noqa: F401  (lets `--model Stage1` name the stage classes)
     from slit_lightning.data.datamodule import AudioTextDataModule
 
+    register_resolvers()
     return LightningCLI(
         LightningModule,
         AudioTextDataModule,
@@ -35,6 +37,15 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
         args=args,
         run=run,
     )
+
+
+def register_resolvers() -> None:
+    """YAML helpers: ``${builtin_bert:}`` is the folder of the packaged MiniLM BERT."""
+    from omegaconf import OmegaConf
+
+    from slit_lightning.qformer import minilm_path
+
+    OmegaConf.register_resolver("builtin_bert", lambda: str(minilm_path()), replace=True)
 
 
 def data_parser() -> Any:
@@ -47,6 +58,7 @@ def data_parser() -> Any:
     from slit_lightning.data.shards import write_shards
     from slit_lightning.data.synth import synthesize_corpus
 
+    register_resolvers()  # stage configs passed to `data check` may use them
     synth = ArgumentParser(description="Write the built-in audio-caption corpus.")
     synth.add_argument("--out", required=True, help="folder to write the corpus into")
     synth.add_function_arguments(synthesize_corpus, skip={"out_dir", "progress"})
@@ -111,17 +123,55 @@ def data_command(argv: list[str]) -> None:
         print(f"shards in {sub.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
+def bootstrap_parser() -> Any:
+    """Parser of ``slit bootstrap encoder``."""
+    from jsonargparse import ArgumentParser
+
+    from slit_lightning.encoder_small import bootstrap_encoder
+
+    encoder = ArgumentParser(
+        description="Pre-train the built-in small audio encoder once on the built-in corpus."
+    )
+    encoder.add_argument("--corpus", required=True, help="corpus folder (slit data synth --out)")
+    encoder.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
+    encoder.add_function_arguments(
+        bootstrap_encoder, skip={"corpus_dir", "out_dir", "progress", "config"}
+    )
+    encoder.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser = ArgumentParser(prog="slit bootstrap", description="Build the built-in models.")
+    commands = parser.add_subcommands(dest="command")
+    commands.add_subcommand("encoder", encoder)
+    return parser
+
+
+def bootstrap_command(argv: list[str]) -> None:
+    """Run ``slit bootstrap encoder ...``."""
+    from slit_lightning import progress
+    from slit_lightning.encoder_small import bootstrap_encoder
+
+    cfg = bootstrap_parser().parse_args(argv)
+    sub = cfg[cfg.command]
+    kwargs = {k: v for k, v in sub.items() if k not in ("corpus", "out", "quiet", "__path__")}
+    with progress.bar("bootstrapping the audio encoder", quiet=sub.quiet) as tick:
+        metrics = bootstrap_encoder(sub.corpus, sub.out, progress=tick, **kwargs)
+    shown = {k: metrics[k] for k in ("val_map", "val_f1", "seconds") if k in metrics}
+    print(f"audio encoder in {sub.out}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `slit` console script."""
+    given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if (argv and argv[0] in LIGHTNING_COMMANDS) or not argv or argv[0].startswith("-"):
-            lightning_cli(argv)
+            lightning_cli(given)  # None: LightningCLI reads sys.argv itself
         elif argv[0] == "data":
             data_command(argv[1:])
+        elif argv[0] == "bootstrap":
+            bootstrap_command(argv[1:])
         else:
-            known = ", ".join((*LIGHTNING_COMMANDS, "data"))
+            known = ", ".join((*LIGHTNING_COMMANDS, "data", "bootstrap"))
             raise SystemExit(f"slit: unknown command {argv[0]!r}; commands: {known}")
     except DataConfigError as err:
         # A user's data mistake: one line that names the file and the fix, no traceback.

@@ -1,0 +1,494 @@
+"""The project's own small audio encoder, and ``bootstrap_encoder`` that pre-trains it once.
+
+The built-in default must run offline, where no pretrained audio encoder can be downloaded, so the
+project trains a small one itself: :func:`bootstrap_encoder` fits :class:`SmallAudioModel` as a
+multi-label event tagger on the built-in corpus (a few minutes on two CPU cores), keeps the trunk
+and saves it as ``config.json`` + ``model.safetensors``. From then on it is loaded and frozen like any
+pretrained encoder: ``HFAudioEncoder.from_pretrained(out_dir)``.
+
+Architecture: log-mel front end (100 frames/s) -> two stride-2 convolutions (25 frames/s) -> a small
+pre-norm transformer -> ``(B, T, D)`` frames. Padding never changes the frames of real audio: padded
+mel frames and conv outputs are zeroed (what a clip alone sees at its edge) and attention ignores
+padded keys, so a clip's features do not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import Tensor, nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SMALL_MODEL_TYPE",
+    "SmallAudioConfig",
+    "SmallAudioModel",
+    "average_precision",
+    "bootstrap_encoder",
+    "is_complete",
+]
+
+SMALL_MODEL_TYPE = "slit_small_audio"
+_LOG_FLOOR = 1e-8  # power floor before the log: digital silence maps to a finite value
+_LOG_SHIFT, _LOG_SCALE = 8.0, 8.0  # log-mel of the built-in corpus has mean ~ -8.5, std ~ 8
+
+
+class SmallAudioConfig(PretrainedConfig):
+    """Sizes of :class:`SmallAudioModel`; the defaults are the built-in encoder's."""
+
+    model_type = SMALL_MODEL_TYPE
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_fft: int = 400,
+        hop_length: int = 160,
+        n_mels: int = 64,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        intermediate_size: int = 1024,
+        num_conv_layers: int = 2,
+        dropout: float = 0.1,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        self.sample_rate, self.n_fft, self.hop_length, self.n_mels = (
+            sample_rate,
+            n_fft,
+            hop_length,
+            n_mels,
+        )
+        self.hidden_size, self.num_hidden_layers = hidden_size, num_hidden_layers
+        self.num_attention_heads, self.intermediate_size = num_attention_heads, intermediate_size
+        self.num_conv_layers, self.dropout = num_conv_layers, dropout
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+
+class SmallAudioModel(PreTrainedModel):
+    """Waveform ``(B, S)`` -> frames ``(B, T, D)`` at ``sample_rate / hop_length / 2**num_conv_layers`` Hz."""
+
+    config_class = SmallAudioConfig
+    config: SmallAudioConfig
+    base_model_prefix = "small_audio"
+    main_input_name = "wave"
+
+    def __init__(self, config: SmallAudioConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.mel = LogMel(c.sample_rate, c.n_fft, c.hop_length, c.n_mels)
+        widths = [c.n_mels] + [c.hidden_size] * c.num_conv_layers
+        self.convs = nn.ModuleList(
+            nn.Conv1d(widths[i], widths[i + 1], 3, stride=2, padding=1)
+            for i in range(c.num_conv_layers)
+        )
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(c.num_hidden_layers)
+        )
+        # conv features start ~30x smaller than the sinusoids; normalising them keeps the content
+        # from drowning in the positions
+        self.conv_norm = nn.LayerNorm(c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LogMel):
+            module.reset_buffers()
+
+    @property
+    def num_hidden_states(self) -> int:
+        """Entries of ``hidden_states``: the conv output, then one per transformer layer."""
+        return self.config.num_hidden_layers + 1
+
+    def frame_lengths(self, lengths: Tensor) -> Tensor:
+        """Valid output frames ``(B,)`` for clips of ``lengths (B,)`` samples (at least one)."""
+        frames = self._mel_frames(lengths)
+        for _ in range(self.config.num_conv_layers):
+            frames = _halved(frames)
+        return frames
+
+    def _mel_frames(self, lengths: Tensor) -> Tensor:
+        """STFT frames that lie wholly inside the clip (at least one: short clips are padded)."""
+        c = self.config
+        return (torch.div(lengths - c.n_fft, c.hop_length, rounding_mode="floor") + 1).clamp_min(1)
+
+    def forward(self, wave: Tensor, mask: Tensor, layer: int = -1) -> tuple[Tensor, Tensor]:
+        """Frames of one layer.
+
+        Args:
+            wave: ``(B, S)`` float waveform at ``config.sample_rate``, right-padded.
+            mask: ``(B, S)`` bool, True on real samples.
+            layer: index into [conv output, layer 1, ..., layer N]; -1 is the last layer after
+                the final norm, -2 the penultimate layer.
+
+        Returns:
+            ``(B, T, D)`` frames and their ``(B, T)`` bool mask (True = frame of real audio).
+        """
+        index = _layer_index(layer, self.num_hidden_states)
+        x, frame_mask = self._front_end(wave, mask)
+        pad = ~frame_mask
+        for block in self.layers[:index]:
+            x = block(x, src_key_padding_mask=pad)
+        if index == self.num_hidden_states - 1:
+            x = self.norm(x)
+        return x.masked_fill(pad.unsqueeze(-1), 0.0), frame_mask
+
+    def _front_end(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-mel and convolutions: ``(B, S)`` -> ``(B, T, D)`` with positions added, ``(B, T)`` mask."""
+        c = self.config
+        if wave.shape[-1] < c.n_fft:  # too short for one STFT window: zero-pad like a longer clip
+            wave = F.pad(wave, (0, c.n_fft - wave.shape[-1]))
+        x = self.mel(wave).to(self.dtype)  # (B, n_mels, F)
+        frames = self._mel_frames(mask.sum(-1))
+        x = x * _prefix_mask(frames, x.shape[-1]).unsqueeze(1)
+        for conv in self.convs:
+            x = F.gelu(conv(x))
+            frames = _halved(frames)
+            # zero what lies past the clip, so the next conv sees what it would see on the clip alone
+            x = x * _prefix_mask(frames, x.shape[-1]).unsqueeze(1)
+        x = self.conv_norm(x.transpose(1, 2))
+        return x + _sinusoids(x.shape[1], x.shape[2], x), _prefix_mask(frames, x.shape[1])
+
+
+class LogMel(nn.Module):
+    """Scaled log-mel power spectrogram: ``(B, S)`` -> ``(B, n_mels, F)``, no centring padding.
+
+    The window and filterbank are saved buffers (a saved model fully defines its front end);
+    they are filled by :meth:`reset_buffers` because transformers builds models on the meta device.
+    """
+
+    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int) -> None:
+        super().__init__()
+        self.sample_rate, self.n_fft, self.hop_length, self.n_mels = (
+            sample_rate,
+            n_fft,
+            hop_length,
+            n_mels,
+        )
+        self.register_buffer("window", torch.empty(n_fft))
+        self.register_buffer("filterbank", torch.empty(n_fft // 2 + 1, n_mels))
+
+    def reset_buffers(self) -> None:
+        """Fill window and filterbank (transformers' ``init`` skips tensors loaded from a file)."""
+        fb = torchaudio.functional.melscale_fbanks(
+            self.n_fft // 2 + 1, 0.0, self.sample_rate / 2, self.n_mels, self.sample_rate
+        )
+        init.copy_(self.window, torch.hann_window(self.n_fft))
+        init.copy_(self.filterbank, fb)
+
+    def forward(self, wave: Tensor) -> Tensor:
+        spec = torch.stft(
+            wave.float(),
+            self.n_fft,
+            self.hop_length,
+            window=self.window.float(),
+            center=False,
+            return_complex=True,
+        )
+        mel = torch.einsum("bfn,fm->bmn", spec.abs().square(), self.filterbank.float())
+        return (mel.clamp_min(_LOG_FLOOR).log() + _LOG_SHIFT) / _LOG_SCALE
+
+
+def _halved(frames: Tensor) -> Tensor:
+    """Output length of a kernel-3, stride-2, padding-1 convolution: ceil(L / 2)."""
+    return torch.div(frames + 1, 2, rounding_mode="floor")
+
+
+def _prefix_mask(lengths: Tensor, size: int) -> Tensor:
+    """``(B, size)`` bool, True on the first ``lengths[b]`` positions."""
+    return torch.arange(size, device=lengths.device) < lengths.unsqueeze(-1)
+
+
+def _sinusoids(length: int, width: int, like: Tensor) -> Tensor:
+    """Fixed sinusoidal positions ``(T, D)``: no learned table, so clips of any length work."""
+    half = width // 2
+    scale = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=like.device) / max(half - 1, 1)
+    )
+    angles = torch.arange(length, device=like.device).unsqueeze(1) * scale
+    return torch.cat([angles.sin(), angles.cos()], dim=1).to(like.dtype)
+
+
+def _layer_index(layer: int, count: int) -> int:
+    """``layer`` (negative counts from the end) as an index into ``count`` hidden states."""
+    if not -count <= layer < count:
+        raise ValueError(
+            f"layer={layer} is out of range: this encoder has {count} hidden states"
+            f" (use -1 for the last, -2 for the penultimate, 0..{count - 1})"
+        )
+    return layer % count
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap: pre-train the small encoder once as an event tagger on the built-in corpus
+
+
+def is_complete(folder: str | Path) -> bool:
+    """True when ``folder`` holds a saved model (config.json and model.safetensors)."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def bootstrap_encoder(
+    corpus_dir: str | Path,
+    out_dir: str | Path,
+    epochs: int = 10,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    config: SmallAudioConfig | None = None,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+) -> dict[str, Any]:
+    """Pre-train :class:`SmallAudioModel` on ``corpus_dir`` as a multi-label tagger; save the trunk.
+
+    Runs once: when ``out_dir`` already holds a saved model, its metrics are returned and nothing
+    trains. The model is written to a temporary folder and renamed into place, so an interrupted
+    run never leaves a folder that looks complete. Call it from a single process (e.g. a
+    ``prepare_data`` hook): inside a running process group the data would be split over ranks.
+    On the default corpus (1000 clips of 5 s) it took 250 s on two CPU cores (val mAP 0.79).
+
+    Args:
+        corpus_dir: a corpus with ``train.jsonl`` and ``val.jsonl`` whose rows have ``labels``
+            (what :func:`slit_lightning.data.synth.synthesize_corpus` writes).
+        out_dir: where the encoder goes: ``config.json``, ``model.safetensors``, ``bootstrap.json``.
+        epochs: passes over the training split.
+        seed: seeds the initialisation, dropout and data order.
+        progress: called as ``progress(step, total_steps)`` after every optimizer step.
+        config: model sizes (default: :class:`SmallAudioConfig`'s).
+        batch_size: clips per step.
+        lr: peak AdamW learning rate (linear warm-up, cosine decay).
+
+    Returns:
+        The metrics also written to ``bootstrap.json``: ``val_map`` (macro mAP over the labels
+        present in val), ``val_f1`` (micro F1 at 0.5), ``train_loss``, ``labels``, ``seed``, ...
+    """
+    out = Path(out_dir)
+    if is_complete(out):
+        log.info("audio encoder already bootstrapped in %s; not training again", out)
+        return _read_metrics(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} exists but holds no complete saved encoder (config.json + model.safetensors):"
+            " remove it or choose another out_dir"
+        )
+    start = time.monotonic()
+    model, metrics = _train_tagger(
+        Path(corpus_dir), config or SmallAudioConfig(), epochs, seed, batch_size, lr, progress
+    )
+    metrics["seconds"] = round(time.monotonic() - start, 1)
+    _save_atomic(model, metrics, out)
+    return metrics
+
+
+def _read_metrics(out: Path) -> dict[str, Any]:
+    path = out / "bootstrap.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _save_atomic(model: SmallAudioModel, metrics: dict[str, Any], out: Path) -> None:
+    """Save into a hidden sibling folder, then rename it to ``out`` in one step."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        text = json.dumps(metrics, indent=2) + "\n"
+        (tmp / "bootstrap.json").write_text(text, encoding="utf-8")
+        os.replace(tmp, out)  # also replaces an empty out_dir; fails on a non-empty one
+    except OSError:
+        if not is_complete(out):
+            raise
+        # another process (e.g. a second rank) finished first: keep its result
+        log.info("%s was written by another process meanwhile; keeping it", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _train_tagger(
+    corpus: Path,
+    config: SmallAudioConfig,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    lr: float,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[SmallAudioModel, dict[str, Any]]:
+    """Fit trunk + linear head with BCE; return the trunk and its validation metrics."""
+    from slit_lightning.data.datamodule import AudioTextDataModule  # Lightning only when training
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    data = AudioTextDataModule(
+        root=str(corpus),
+        sample_rate=config.sample_rate,
+        batch_size=batch_size,
+        num_workers=0,
+        seed=seed,
+    )
+    labels = _label_vocabulary(corpus)
+    data.setup()
+    n_train = sum(source.num_units for source in data.sources["train"])
+    with torch.random.fork_rng(devices=[]):  # seed our run without moving the caller's RNG
+        torch.manual_seed(seed)
+        model = SmallAudioModel(config)
+        head = nn.Linear(2 * config.hidden_size, len(labels))
+        steps = epochs * math.ceil(n_train / batch_size)
+        loss = _fit(model, head, data, labels, epochs, steps, lr, progress)
+    scores, targets = _predict(model, head, data.loader("val"), labels)
+    metrics = {
+        "val_map": round(average_precision(scores, targets), 4),
+        "val_f1": round(_micro_f1(scores, targets), 4),
+        "train_loss": round(loss, 4),
+        "chance_map": round(float(targets.mean()), 4),
+        "labels": labels,
+        "epochs": epochs,
+        "seed": seed,
+        "train_clips": n_train,
+        "val_clips": int(targets.shape[0]),
+        "corpus": str(corpus),
+    }
+    log.info("bootstrap: val mAP %.3f, F1 %.3f", metrics["val_map"], metrics["val_f1"])
+    return model, metrics
+
+
+def _label_vocabulary(corpus: Path) -> list[str]:
+    """Sorted labels of the train and val manifests."""
+    names: set[str] = set()
+    for split in ("train", "val"):
+        path = corpus / f"{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: bootstrap_encoder needs a corpus with train.jsonl and"
+                " val.jsonl (make one with `slit data synth --out DIR`)"
+            )
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                names.update(json.loads(line).get("labels") or [])
+    if not names:
+        raise ValueError(f"no `labels` in {corpus}/train.jsonl or val.jsonl: nothing to tag")
+    return sorted(names)
+
+
+def _multi_hot(rows: list[list[str]], labels: list[str]) -> Tensor:
+    """``(B, C)`` float targets; labels outside the vocabulary are ignored."""
+    index = {name: i for i, name in enumerate(labels)}
+    out = torch.zeros(len(rows), len(labels))
+    for b, row in enumerate(rows):
+        for name in row:
+            if name in index:
+                out[b, index[name]] = 1.0
+    return out
+
+
+def _pooled_logits(model: SmallAudioModel, head: nn.Linear, batch: dict[str, Any]) -> Tensor:
+    """Mean and max over real frames -> linear head: ``(B, S)`` audio -> ``(B, C)`` logits.
+
+    The max lets a short event (a click) count as much as a long one; with the mean alone the
+    tagger reached val mAP 0.45 instead of 0.64 in a six-epoch trial on the built-in corpus.
+    """
+    frames, mask = model(batch["audio"], batch["audio_mask"])
+    weights = mask.unsqueeze(-1).to(frames.dtype)
+    mean = (frames * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    peak = frames.masked_fill(~mask.unsqueeze(-1), torch.finfo(frames.dtype).min).amax(1)
+    return head(torch.cat([mean, peak], dim=-1))
+
+
+def _fit(
+    model: SmallAudioModel,
+    head: nn.Linear,
+    data: Any,
+    labels: list[str],
+    epochs: int,
+    total: int,
+    lr: float,
+    progress: Callable[[int, int], None] | None,
+) -> float:
+    """AdamW with warm-up and cosine decay over ``total`` steps; the last epoch's mean loss."""
+    params = [*model.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    total = max(1, total)
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total))
+    )
+    model.train()
+    head.train()
+    step, mean = 0, 0.0
+    for _ in range(epochs):
+        losses = []
+        for batch in data.loader("train"):
+            logits = _pooled_logits(model, head, batch)
+            loss = F.binary_cross_entropy_with_logits(logits, _multi_hot(batch["labels"], labels))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            step += 1
+            if progress is not None:
+                progress(min(step, total), total)
+        mean = sum(losses) / max(1, len(losses))
+        log.info("bootstrap epoch: train loss %.4f", mean)
+    model.eval()
+    return mean
+
+
+@torch.no_grad()
+def _predict(
+    model: SmallAudioModel, head: nn.Linear, batches: Iterable[dict[str, Any]], labels: list[str]
+) -> tuple[Tensor, Tensor]:
+    """``(N, C)`` sigmoid scores and targets over a split."""
+    model.eval()
+    scores, targets = [], []
+    for batch in batches:
+        scores.append(_pooled_logits(model, head, batch).sigmoid())
+        targets.append(_multi_hot(batch["labels"], labels))
+    return torch.cat(scores), torch.cat(targets)
+
+
+def average_precision(scores: Tensor, targets: Tensor) -> float:
+    """Macro mean of per-class average precision ``(N, C)``; classes without positives are left out."""
+    values = []
+    for c in range(scores.shape[1]):
+        positives = targets[:, c] > 0.5
+        if not positives.any():
+            continue
+        order = scores[:, c].argsort(descending=True)
+        hits = positives[order].float()
+        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+        values.append(float((precision * hits).sum() / hits.sum()))
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _micro_f1(scores: Tensor, targets: Tensor, threshold: float = 0.5) -> float:
+    predicted = scores >= threshold
+    truth = targets > 0.5
+    tp = (predicted & truth).sum().item()
+    denominator = predicted.sum().item() + truth.sum().item()
+    return 2 * tp / denominator if denominator else 0.0

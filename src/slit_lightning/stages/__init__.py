@@ -1,0 +1,6 @@
+"""One LightningModule per training stage, all built on :class:`SLITStage` and one Q-Former."""
+
+from slit_lightning.stages.base import SLITStage
+from slit_lightning.stages.stage1 import Stage1
+
+__all__ = ["SLITStage", "Stage1"]

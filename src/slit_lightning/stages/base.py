@@ -1,0 +1,148 @@
+"""What every stage shares: the frozen audio encoder, the Q-Former's tokenizer, the optimiser."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from slit_lightning.encoders import AudioEncoder, HFAudioEncoder
+
+log = logging.getLogger(__name__)
+
+ENCODER_REFERENCE = "slit_encoder_reference"
+
+
+class SLITStage(LightningModule):
+    """Base of the stage modules: owns the frozen encoder and the optimisation recipe.
+
+    The encoder is loaded by name (hub id or local folder) through the same ``from_pretrained``
+    path for a real model and for the built-in one, frozen (no grad, always in eval mode, out of
+    the optimiser) and, unless ``save_encoder_weights``, left out of checkpoints: a checkpoint
+    records which encoder it was trained with and refuses to load onto another one.
+
+    Args:
+        encoder: hub id or folder of the frozen audio encoder.
+        encoder_layer: which hidden layer to take (-1 last, -2 penultimate).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (never applied to biases, norms, queries, temperature).
+        warmup_steps: linear warm-up from 0 to ``lr``; then cosine decay to ``lr * min_lr_ratio``
+            at the trainer's last step.
+        min_lr_ratio: floor of the cosine decay, relative to ``lr``.
+        betas: AdamW betas.
+        save_encoder_weights: also store the frozen encoder's weights in checkpoints.
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        encoder_layer: int = -1,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 200,
+        min_lr_ratio: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        save_encoder_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # the stage's own call merges its arguments into these
+        self.encoder: AudioEncoder = HFAudioEncoder.from_pretrained(encoder, layer=encoder_layer)
+
+    # ------------------------------------------------------------------ pieces for the stages
+
+    def encode_audio(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Waveforms ``(B, S)`` -> frozen features ``(B, T, D)`` and frame mask ``(B, T)``."""
+        with torch.no_grad():
+            return self.encoder(batch["audio"], batch["audio_mask"])
+
+    @staticmethod
+    def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+        """The tokenizer that belongs to a text model, by hub id or local folder."""
+        return AutoTokenizer.from_pretrained(name_or_path)
+
+    def tokenize(
+        self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int, pad_to_max: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Texts -> ``ids (B, L)``, ``mask (B, L)`` on this module's device."""
+        tokens = tokenizer(
+            texts,
+            padding="max_length" if pad_to_max else "longest",
+            truncation=True,
+            max_length=max_len,
+            return_tensors="pt",
+        )
+        return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+
+    def trainable_parameters(self) -> int:
+        """Number of parameters the optimiser updates (the frozen parts excluded)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def on_fit_start(self) -> None:
+        count = self.trainable_parameters()
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        log.info("trainable parameters: %s; frozen: %s", f"{count:,}", f"{frozen:,}")
+        if self.logger is not None:
+            self.logger.log_hyperparams(
+                {"trainable_parameters": count, "frozen_parameters": frozen}
+            )
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            plain = param.ndim < 2 or name.endswith("query_tokens")
+            (no_decay if plain else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": hp.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "step"},
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[ENCODER_REFERENCE] = self.encoder.identity
+        if not self.hparams.save_encoder_weights:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("encoder.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(ENCODER_REFERENCE)
+        if saved is not None and saved != self.encoder.identity:
+            raise ValueError(
+                f"this checkpoint was trained on encoder {saved!r} but the model was built with"
+                f" {self.encoder.identity!r}; set model.encoder to the checkpoint's encoder"
+            )
+        state = checkpoint["state_dict"]
+        if not any(k.startswith("encoder.") for k in state):
+            # saved by reference: the encoder just loaded from its folder is the one it names
+            state.update({f"encoder.{k}": v for k, v in self.encoder.state_dict().items()})
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """Learning-rate factor: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,285 @@
+"""Stage 1, representation learning: Q-Former + frozen audio encoder, three losses.
+
+- ATC (audio-text contrastive): queries read the audio, text reads itself (uni-modal mask);
+  max-over-queries similarity in a 256-d space, learnable temperature, global-batch negatives,
+  all captions of a clip positive.
+- ATM (audio-text matching): [queries; text] see each other (bidirectional mask); a 2-way head on
+  the mean query output; one hard negative text per audio and one hard negative audio per text.
+- ATG (audio-grounded text generation): text attends causally to itself and to all queries.
+
+The audio side of the cross-attention (keys/values of every clip) is computed once per step and
+reused by all three losses; BLIP-2's reference code projects the audio again for every pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slit_lightning.losses import (
+    contrastive_loss,
+    gather_nograd,
+    labels_from_ids,
+    matching_loss,
+    sample_hard_negatives,
+)
+from slit_lightning.metrics.retrieval import retrieval_metrics
+from slit_lightning.qformer import AudioKV, QFormer
+from slit_lightning.stages.base import SLITStage
+
+
+class Stage1(SLITStage):
+    """Stage-1 LightningModule.
+
+    Args:
+        encoder: hub id or folder of the frozen audio encoder (see :class:`SLITStage`).
+        bert: hub id or folder of the BERT the Q-Former starts from (its tokenizer too);
+            ``bert-base-uncased`` for real runs, the packaged MiniLM for the built-in default.
+        num_queries: learned queries.
+        cross_attention_freq: cross-attention to the audio in every n-th layer.
+        embed_dim: width of the shared contrastive space.
+        max_text_len: captions are cut to this many tokens.
+        temperature: initial contrastive temperature (learned, clamped to [0.001, 0.5]).
+        loss_atc: weight of the contrastive loss.
+        loss_atm: weight of the matching loss.
+        loss_atg: weight of the generation loss.
+        rerank_k: at test time, re-rank each query's top-k by the matching head (0: off).
+        **kwargs: the shared settings of :class:`SLITStage` (encoder layer, optimiser, checkpoint).
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        bert: str,
+        num_queries: int = 32,
+        cross_attention_freq: int = 2,
+        embed_dim: int = 256,
+        max_text_len: int = 40,
+        temperature: float = 0.07,
+        loss_atc: float = 1.0,
+        loss_atm: float = 1.0,
+        loss_atg: float = 1.0,
+        rerank_k: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(encoder, **kwargs)
+        self.save_hyperparameters()
+        self.tokenizer = self.load_tokenizer(bert)
+        self.qformer = QFormer.from_bert(
+            bert, num_queries, cross_attention_freq, encoder_width=self.encoder.width
+        )
+        width = self.qformer.config.hidden_size
+        self.audio_proj = nn.Linear(width, embed_dim)
+        self.text_proj = nn.Linear(width, embed_dim)
+        self.atm_head = nn.Linear(width, 2)
+        self.temperature = nn.Parameter(torch.tensor(temperature))
+        self._eval: dict[str, list[Any]] = {}
+
+    # ------------------------------------------------------------------ the three views
+
+    def audio_embeddings(self, kv: AudioKV) -> Tensor:
+        """Queries read the audio -> ``(B, N, E)`` normalised contrastive features."""
+        queries = self.qformer(audio_kv=kv, mode="unimodal").query
+        return F.normalize(self.audio_proj(queries), dim=-1)
+
+    def text_embeddings(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Text alone -> ``(B, E)`` normalised contrastive features of its first ([CLS]) token."""
+        text = self.qformer(text_ids=ids, text_mask=mask, use_queries=False).text
+        return F.normalize(self.text_proj(text[:, 0]), dim=-1)
+
+    def match_logits(self, kv: AudioKV, ids: Tensor, mask: Tensor, index: Tensor | None) -> Tensor:
+        """[queries; text] jointly -> ``(B', 2)`` matching logits; ``index`` picks audio rows."""
+        out = self.qformer(
+            audio_kv=kv, audio_index=index, text_ids=ids, text_mask=mask, mode="bidirectional"
+        )
+        return self.atm_head(out.query.mean(dim=1))
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        feats, frames = self.encode_audio(batch)
+        kv = self.qformer.audio_keys_values(feats, frames)
+        distributed = dist.is_available() and dist.is_initialized()
+        ids, mask = self.tokenize(
+            self.tokenizer, batch["caption"], self.hparams.max_text_len, pad_to_max=distributed
+        )
+        with torch.no_grad():
+            self.temperature.clamp_(0.001, 0.5)
+        atc = contrastive_loss(
+            self.audio_embeddings(kv),
+            self.text_embeddings(ids, mask),
+            batch["clip_key"],
+            self.temperature,
+        )
+        atm = self._matching_loss(atc, batch["clip_key"], kv, feats, frames, ids, mask)
+        atg = self._generation_loss(kv, ids, mask)
+        hp = self.hparams
+        loss = hp.loss_atc * atc.loss + hp.loss_atm * atm + hp.loss_atg * atg
+        size = len(batch["caption"])
+        self.log_dict(
+            {
+                "train/loss_atc": atc.loss,
+                "train/loss_atm": atm,
+                "train/loss_atg": atg,
+                "train/temperature": self.temperature,
+            },
+            batch_size=size,
+        )
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss
+
+    def _matching_loss(
+        self,
+        atc: Any,
+        keys: Tensor,
+        kv: AudioKV,
+        feats: Tensor,
+        frames: Tensor,
+        ids: Tensor,
+        mask: Tensor,
+    ) -> Tensor:
+        """ATM on B positives, B (audio, hard-negative text) and B (hard-negative audio, text)."""
+        neg = sample_hard_negatives(
+            atc.sim_a2t.detach(), atc.sim_t2a.detach(), keys, atc.clip_keys_global
+        )
+        keep = neg.valid
+        local = torch.arange(ids.shape[0], device=ids.device)
+        neg_ids, neg_mask = gather_nograd(ids)[neg.text_index], gather_nograd(mask)[neg.text_index]
+        if dist.is_available() and dist.is_initialized():
+            # negative clips may live on another rank: project just those B clips' audio
+            all_feats, all_frames = _gather_frames(feats, frames)
+            neg_kv = self.qformer.audio_keys_values(
+                all_feats[neg.audio_index], all_frames[neg.audio_index]
+            )
+            logits_neg_audio = self.match_logits(neg_kv, ids[keep], mask[keep], local[keep])
+        else:
+            logits_neg_audio = self.match_logits(kv, ids[keep], mask[keep], neg.audio_index[keep])
+        logits = torch.cat(
+            [
+                self.match_logits(kv, ids, mask, None),
+                self.match_logits(kv, neg_ids[keep], neg_mask[keep], local[keep]),
+                logits_neg_audio,
+            ]
+        )
+        labels = torch.cat(
+            [
+                torch.ones_like(local),
+                torch.zeros(2 * int(keep.sum()), dtype=torch.long, device=ids.device),
+            ]
+        )
+        return matching_loss(logits, labels)
+
+    def _generation_loss(self, kv: AudioKV, ids: Tensor, mask: Tensor) -> Tensor:
+        """ATG: next-token loss of the caption given the queries; vocabulary logits are computed
+        only at positions that have a label (padding never reaches the big projection)."""
+        text = self.qformer(audio_kv=kv, text_ids=ids, text_mask=mask, mode="causal").text
+        labels = labels_from_ids(ids, mask)[:, 1:]
+        hidden = text[:, :-1][labels != -100]
+        return F.cross_entropy(self.qformer.lm_logits(hidden).float(), labels[labels != -100])
+
+    # ------------------------------------------------------------------ retrieval evaluation
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval = {"audio": [], "text": [], "text_clip": [], "feats": [], "captions": []}
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._collect(batch)
+
+    def _collect(self, batch: dict[str, Any]) -> None:
+        feats, frames = self.encode_audio(batch)
+        kv = self.qformer.audio_keys_values(feats, frames)
+        first = sum(a.shape[0] for a in self._eval["audio"])
+        captions = [c for clip in batch["captions"] for c in clip]
+        clip_of = [first + i for i, clip in enumerate(batch["captions"]) for _ in clip]
+        ids, mask = self.tokenize(self.tokenizer, captions, self.hparams.max_text_len, False)
+        self._eval["audio"].append(self.audio_embeddings(kv).cpu())
+        self._eval["text"].append(self.text_embeddings(ids, mask).cpu())
+        self._eval["text_clip"].append(torch.tensor(clip_of))
+        self._eval["captions"].extend(captions)
+        if self.hparams.rerank_k and self.trainer.testing:
+            self._eval["feats"].extend((f[m].cpu() for f, m in zip(feats, frames, strict=True)))
+
+    def on_validation_epoch_end(self) -> None:
+        self._report("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._report("test")
+
+    def _report(self, split: str) -> None:
+        store = _gather_eval(self._eval)
+        audio, text, text_clip = store["audio"], store["text"], store["text_clip"]
+        if audio.shape[0] == 0:
+            return
+        sim = torch.einsum("te,ane->tan", text, audio).amax(dim=-1)  # (N_text, N_audio)
+        metrics = {f"{split}/{k}": v for k, v in retrieval_metrics(sim, text_clip).items()}
+        if split == "test" and self.hparams.rerank_k and store["feats"]:
+            reranked = self._rerank(sim, text_clip, store["feats"], store["captions"])
+            metrics |= {f"{split}/rerank_{k}": v for k, v in reranked.items()}
+        metrics[f"{split}/chance_R@1"] = 1.0 / audio.shape[0]
+        self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
+
+    @torch.no_grad()
+    def _rerank(
+        self, sim: Tensor, text_clip: Tensor, clips: list[Tensor], captions: list[str]
+    ) -> dict[str, float]:
+        """BLIP-2's re-ranking: the top-k clips of each caption re-scored by the matching head.
+
+        ``clips`` are the clips' unpadded encoder features ``(T_i, D)``; the score is the matching
+        probability plus the contrastive similarity, as in BLIP-2's evaluation."""
+        k = min(self.hparams.rerank_k, sim.shape[1])
+        top = sim.topk(k, dim=1).indices  # (N_text, k)
+        feats = nn.utils.rnn.pad_sequence(clips, batch_first=True).to(self.device)
+        lengths = torch.tensor([f.shape[0] for f in clips], device=self.device)
+        frames = torch.arange(feats.shape[1], device=self.device)[None] < lengths[:, None]
+        kv = self.qformer.audio_keys_values(feats, frames)
+        ids, mask = self.tokenize(self.tokenizer, captions, self.hparams.max_text_len, False)
+        scores = torch.full_like(sim, float("-inf"))
+        for t in range(sim.shape[0]):
+            pair = self.match_logits(
+                kv, ids[t].expand(k, -1), mask[t].expand(k, -1), top[t].to(self.device)
+            )
+            scores[t, top[t]] = pair.softmax(-1)[:, 1].float().cpu() + sim[t, top[t]]
+        return retrieval_metrics(scores, text_clip)
+
+
+def _gather_frames(feats: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
+    """All ranks' ``(B, T, D)`` features and masks; T is padded to the longest across ranks."""
+    length = torch.tensor([feats.shape[1]], device=feats.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    pad = int(length.item()) - feats.shape[1]
+    feats, frames = F.pad(feats, (0, 0, 0, pad)), F.pad(frames, (0, pad), value=False)
+    return gather_nograd(feats), gather_nograd(frames)
+
+
+def _gather_eval(store: dict[str, list[Any]]) -> dict[str, Any]:
+    """This rank's collected evaluation data, then every rank's (clip indices shifted to match)."""
+    local = {
+        "audio": torch.cat(store["audio"]) if store["audio"] else torch.zeros(0, 1, 1),
+        "text": torch.cat(store["text"]) if store["text"] else torch.zeros(0, 1),
+        "text_clip": torch.cat(store["text_clip"])
+        if store["text_clip"]
+        else torch.zeros(0, dtype=torch.long),
+        "feats": store["feats"],
+        "captions": store["captions"],
+    }
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    offsets = torch.tensor([0] + [p["audio"].shape[0] for p in parts]).cumsum(0)
+    return {
+        "audio": torch.cat([p["audio"] for p in parts]),
+        "text": torch.cat([p["text"] for p in parts]),
+        "text_clip": torch.cat([p["text_clip"] + offsets[r] for r, p in enumerate(parts)]),
+        "feats": [f for p in parts for f in p["feats"]],
+        "captions": [c for p in parts for c in p["captions"]],
+    }
