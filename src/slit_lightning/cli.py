@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any
 
+from slit_lightning.data.skips import TooManySkipsError
 from slit_lightning.data.sources import DataConfigError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -173,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             known = ", ".join((*LIGHTNING_COMMANDS, "data", "bootstrap"))
             raise SystemExit(f"slit: unknown command {argv[0]!r}; commands: {known}")
-    except DataConfigError as err:
-        # A user's data mistake: one line that names the file and the fix, no traceback.
+    except (DataConfigError, TooManySkipsError) as err:
+        # A user's data problem: one line that names the files and the fix, no traceback.
         raise SystemExit(f"slit: {err}") from None
 
 

@@ -177,6 +177,8 @@ class HFAudioEncoder(AudioEncoder):
         self.width = self.layer_width(self.index)
         self._identity: str | None = None
         self.set_frozen(frozen)
+        # computed now, from the weights as loaded: a later cast (bf16-true) must not change it
+        _ = self.identity
 
     # -- construction ------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ def test_csv_manifest_with_numbered_captions_and_semicolon_labels(tmp_path):
     )
     (clip,) = all_records(open_source(str(path)))
     assert clip.captions == ("a beep", "one beep") and clip.labels == ("beep", "tone")
-    assert clip.clip_id == "a.wav"
+    assert clip.clip_id == str(tmp_path / "a.wav")  # no id: the full path
 
 
 def test_audiocaps_rows_of_one_video_become_one_clip_with_all_captions(tmp_path):

@@ -85,3 +85,37 @@ def test_checkpoint_refuses_another_encoder(stage1, tmp_path, tiny_bert, tiny_en
     ckpt = {"state_dict": {}, "slit_encoder_reference": "some/other-encoder@layer-1"}
     with pytest.raises(ValueError, match="trained on encoder 'some/other-encoder@layer-1'"):
         stage1.on_load_checkpoint(ckpt)
+
+
+def test_rerank_lifts_matched_pairs_inside_top_k_only(stage1, monkeypatch):
+    """With a matching head that knows the answer, re-ranking puts the right clip first whenever
+    the contrastive top-k holds it, and leaves everything outside the top-k below."""
+    from slit_lightning.metrics.retrieval import retrieval_metrics
+
+    torch.manual_seed(0)
+    n, k = 12, 3
+    text_clip = torch.arange(n)
+    sim = torch.randn(n, n)
+    sim[0, 0] = -10.0  # caption 0's clip is outside its top-k: re-ranking cannot rescue it
+    clips = [torch.full((2, stage1.encoder.width), float(i)) for i in range(n)]
+    captions = [f"caption {i}" for i in range(n)]
+    # the "keys/values" are the features themselves; the oracle reads the clip number off them
+    monkeypatch.setattr(stage1.qformer, "audio_keys_values", lambda feats, frames: feats)
+    calls = []
+
+    def oracle(feats, ids, mask, index):
+        calls.append(len(ids))
+        audio = feats[:, 0, 0].round().long()
+        text = torch.tensor([int(stage1.tokenizer.decode(row, skip_special_tokens=True).split()[-1])
+                             for row in ids])  # fmt: skip
+        return torch.stack([torch.zeros(len(ids)), 100.0 * (audio == text)], dim=1)
+
+    monkeypatch.setattr(stage1, "match_logits", oracle)
+    stage1.hparams.rerank_k = k
+    out = stage1._rerank(sim, text_clip, clips, captions)
+    assert sum(calls) == 2 * n * k  # k candidates per caption and per clip
+    in_top = (sim.topk(k, dim=1).indices == text_clip[:, None]).any(1).float().mean().item()
+    assert out["t2a_R@1"] == pytest.approx(in_top) and in_top < 1.0
+    assert out["t2a_R@10"] < 1.0  # a clip outside the top-k is not counted as a hit
+    base = retrieval_metrics(sim, text_clip)
+    assert out["a2t_R@1"] >= base["a2t_R@1"]

@@ -13,7 +13,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from slit_lightning.data.audio import seconds_to_samples
-from slit_lightning.data.skips import SkipLedger
+from slit_lightning.data.skips import SkipLedger, TooManySkipsError
 from slit_lightning.data.sources import DataConfigError, Source, SourceSpec, open_source
 from slit_lightning.data.stream import AudioTextStream, CaptionMode
 
@@ -55,27 +55,22 @@ class StreamLoader(DataLoader):
         self.ledger.reset()
         self.dropped_in_lockstep = 0
         batches = self._counted(super().__iter__())
-        for batch in batches:
-            if self.lockstep and not _all_ranks_have(True):
-                self.dropped_in_lockstep = len(batch["clip_id"]) + sum(
-                    len(b["clip_id"]) for b in batches
+        while True:
+            batch, state, error = _next(batches)
+            if self.lockstep:
+                state = _agree(state)
+            if state == FAILED:
+                raise error or TooManySkipsError(
+                    f"{self.split}: another rank passed the skip ceiling (see its log); stopping"
                 )
+            if state == EXHAUSTED:
+                if batch is not None:  # this rank had more: count what the others did not have
+                    rest = [batch, *batches]
+                    self.dropped_in_lockstep = sum(len(b["clip_id"]) for b in rest)
+                    self.ledger.used -= self.dropped_in_lockstep
                 break
             yield batch
-        else:
-            if self.lockstep:
-                _all_ranks_have(False)
-        self.ledger.check(self.split, final=True)
-        log.info(
-            "%s: %d clips used, %d skipped (%s)%s",
-            self.split,
-            self.ledger.used,
-            self.ledger.skipped,
-            self.ledger.summary(),
-            f", {self.dropped_in_lockstep} left over to keep ranks in step"
-            if self.dropped_in_lockstep
-            else "",
-        )
+        self._finish()
 
     def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for batch in batches:
@@ -85,15 +80,54 @@ class StreamLoader(DataLoader):
             if batch["clip_id"]:
                 yield batch
 
+    def _finish(self) -> None:
+        """End of epoch: judge the skip ceiling (on every rank together) and summarise."""
+        try:
+            self.ledger.check(self.split, final=True)
+            state, error = HAVE, None
+        except TooManySkipsError as err:
+            state, error = FAILED, err
+        if self.lockstep:
+            state = _agree(state)
+        if state == FAILED:
+            raise error or TooManySkipsError(
+                f"{self.split}: another rank passed the skip ceiling (see its log); stopping"
+            )
+        log.info(
+            "%s: %d clips used, %d skipped (%s)%s",
+            self.split,
+            self.ledger.used,
+            self.ledger.skipped,
+            self.ledger.summary(),
+            f", {self.dropped_in_lockstep} not used this epoch to keep ranks in step"
+            if self.dropped_in_lockstep
+            else "",
+        )
 
-def _all_ranks_have(have: bool) -> bool:
-    """True when every rank has a next batch (one tiny all-reduce)."""
+
+# What a rank reports before each batch; the minimum over ranks decides for all.
+FAILED, EXHAUSTED, HAVE = -1, 0, 1
+
+
+def _next(
+    batches: Iterator[dict[str, Any]],
+) -> tuple[dict[str, Any] | None, int, TooManySkipsError | None]:
+    try:
+        return next(batches), HAVE, None
+    except StopIteration:
+        return None, EXHAUSTED, None
+    except TooManySkipsError as err:
+        return None, FAILED, err
+
+
+def _agree(state: int) -> int:
+    """The minimum of every rank's state (one tiny all-reduce): all go on, stop or fail together."""
     device = (
         torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     )
-    flag = torch.tensor([int(have)], device=device)
+    flag = torch.tensor([state], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return int(flag.item())
 
 
 class AudioTextDataModule(LightningDataModule):
@@ -192,6 +226,7 @@ class AudioTextDataModule(LightningDataModule):
             silence_peak=hp.silence_peak,
         )
         dataset.set_distributed(*self._rank_and_world())
+        dataset.loader_workers = self.hparams.num_workers
         return dataset
 
     def loader(self, split: Split) -> StreamLoader:

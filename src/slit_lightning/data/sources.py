@@ -20,10 +20,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
@@ -113,6 +114,8 @@ def _labels(raw: Any) -> tuple[str, ...]:
 def _qa(raw: Any) -> tuple[tuple[str, str], ...]:
     if not raw:
         return ()
+    if isinstance(raw, str):  # a CSV cell holds the list as JSON
+        raw = json.loads(raw)
     return tuple((str(item["question"]), str(item["answer"])) for item in raw)
 
 
@@ -142,7 +145,7 @@ class _RowSource(Source):
     def __init__(self, spec: SourceSpec, rows: list[Any]) -> None:
         super().__init__(spec)
         base = Path(spec.audio_dir) if spec.audio_dir else Path(spec.path).parent
-        self.root = base.resolve()
+        self.root = Path(os.path.abspath(base))
         self.rows = rows
 
     @property
@@ -154,7 +157,9 @@ class _RowSource(Source):
         if not isinstance(rel, str) or not rel.strip():
             return Skip(str(rel), "missing audio path")
         path = Path(rel)
-        full = (path if path.is_absolute() else self.root / path).resolve()
+        # lexical check: `..` and absolute paths leave the root; symlinks inside it are the
+        # data owner's choice and stay allowed
+        full = Path(os.path.normpath(path if path.is_absolute() else self.root / path))
         if not self.spec.allow_outside_root and not full.is_relative_to(self.root):
             return Skip(rel, "path outside data root", f"set allow_outside_root to accept {rel}")
         return str(full)
@@ -170,12 +175,14 @@ class _RowSource(Source):
 
 
 class ManifestSource(_RowSource):
-    """JSONL or CSV manifest in the project's schema (see the module docstring)."""
+    """JSONL or CSV manifest in the project's schema (see the module docstring).
+
+    Rows that share an ``id`` are one clip with all their captions (manifests with one caption
+    per row), so retrieval evaluation sees each clip once with every reference."""
 
     def __init__(self, spec: SourceSpec) -> None:
         path = Path(spec.path)
         rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path, ["audio"])
-        super().__init__(spec, rows)
         first = next((r for r in rows if isinstance(r, dict)), None)
         if first is None:
             raise DataConfigError(f"{path}: manifest has no rows")
@@ -184,21 +191,41 @@ class ManifestSource(_RowSource):
                 f"{path}: manifest lacks columns: needs 'audio' and 'captions' (or 'caption'),"
                 f" found {sorted(first)}"
             )
+        super().__init__(spec, _group_by_id(rows))
 
-    def to_clip(self, row: Any) -> Clip | Skip:
+    def to_clip(self, rows: list[Any]) -> Clip | Skip:
+        row = rows[0]
         if not isinstance(row, dict):
             return Skip(f"{self.spec.path}", "malformed row", f"not an object: {str(row)[:80]}")
         audio = self.resolve(row.get("audio"))
         if isinstance(audio, Skip):
             return audio
-        raw = row.get("captions", row.get("caption"))
-        if raw is None:
-            raw = [v for k, v in sorted(row.items()) if k.startswith("caption_")]
+        raw: list[Any] = []
+        for part in rows:
+            texts = part.get("captions", part.get("caption"))
+            if texts is None:
+                texts = [v for k, v in sorted(part.items()) if k.startswith("caption_")]
+            raw.extend(texts if isinstance(texts, list | tuple) else [texts])
         captions = clean_captions(raw, audio)
         if isinstance(captions, Skip):
             return captions
-        clip_id = str(row.get("id") or row["audio"])
+        clip_id = str(row.get("id") or audio)  # the full path: unique across sources
         return Clip(clip_id, audio, audio, captions, _labels(row.get("labels")), _qa(row.get("qa")))
+
+
+def _group_by_id(rows: list[Any]) -> list[list[Any]]:
+    """Rows in first-seen order, those with the same non-empty ``id`` merged into one group."""
+    groups: list[list[Any]] = []
+    where: dict[str, int] = {}
+    for row in rows:
+        key = row.get("id") if isinstance(row, dict) else None
+        if isinstance(key, str | int) and key != "" and str(key) in where:
+            groups[where[str(key)]].append(row)
+            continue
+        if isinstance(key, str | int) and key != "":
+            where[str(key)] = len(groups)
+        groups.append([row])
+    return groups
 
 
 class ClothoSource(_RowSource):
@@ -287,7 +314,9 @@ def _group_members(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Consecutive tar members sharing a key (``dir/key.ext``) form one sample."""
     current: dict[str, Any] = {}
     for item in files:
-        key, _, ext = item["fname"].partition(".")
+        folder, name = os.path.split(item["fname"])
+        stem, _, ext = name.partition(".")  # `./0001.flac`, `v1.2/0001.flac` keep their folder
+        key = os.path.join(folder, stem)
         if current and key != current["__key__"]:
             yield current
             current = {}
@@ -316,7 +345,7 @@ def _shard_clip(group: dict[str, Any], url: str) -> Clip | Skip:
     if isinstance(captions, Skip):
         return captions
     try:
-        clip_id = str(meta.get("id") or PurePosixPath(key).name)
+        clip_id = str(meta.get("id") or f"{url}:{key}")
         return Clip(
             clip_id, audio, name, captions, _labels(meta.get("labels")), _qa(meta.get("qa"))
         )
@@ -343,7 +372,7 @@ def _read_jsonl(path: Path) -> list[Any]:
 def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     if not path.is_file():
         raise DataConfigError(f"{path}: CSV file not found")
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in reader.fieldnames or []]
     missing = [c for c in required if c not in columns]
@@ -357,7 +386,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
 def _csv_header(path: Path) -> list[str]:
     if not path.is_file():
         raise DataConfigError(f"{path}: CSV file not found")
-    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
         return [c.strip() for c in next(csv.reader(handle), [])]
 
 

@@ -1,10 +1,11 @@
 """The streaming dataset: partition sources over ranks and workers, shuffle, decode, batch.
 
 Each sample is read by exactly one worker of one rank per epoch. Units (manifest rows, tar shards)
-are put in one seeded per-epoch order that every worker computes alike; global worker ``g`` of
-``G = world_size * num_workers`` takes units ``g, g + G, ...``. When a source has fewer shards than
-there are workers, every worker reads all shards and keeps every ``G``-th record instead, so no
-sample is lost or repeated either way.
+are put in one seeded per-epoch order that every process computes alike; rank ``r`` of ``R`` takes
+units ``r, r + R, ...`` and its worker ``w`` of ``W`` every ``W``-th of those, so ranks differ by at
+most one unit. When a source has fewer shards than there are workers in the world, every worker
+reads all shards and keeps every ``R * W``-th record instead, so no sample is lost or repeated
+either way.
 
 Batching happens here (the DataLoader runs with ``batch_size=None``) so that records skipped for bad
 input never shrink a batch: they travel with the next batch as ``batch["skipped"]`` and are counted in
@@ -14,6 +15,7 @@ the main process (see :class:`slit_lightning.data.skips.SkipLedger`).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
@@ -68,6 +70,8 @@ class AudioTextStream(IterableDataset):
             silence_peak,
         )
         self.epoch, self.rank, self.world_size = 0, 0, 1
+        #: loader workers per rank; only used to estimate the length
+        self.loader_workers = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (read when workers start, i.e. at the next ``iter``)."""
@@ -80,29 +84,81 @@ class AudioTextStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
 
     def worker_slot(self) -> tuple[int, int]:
-        """``(g, G)``: this worker's global index and the number of workers over all ranks."""
+        """``(worker, workers)``: this loader worker's index and the number per rank."""
         info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers
+        return (info.id, info.num_workers) if info else (0, 1)
 
-    def records(self, g: int, total: int) -> Iterator[Clip | Skip]:
-        """Every record assigned to global worker ``g`` of ``total``, in this epoch's order."""
-        for s, source in enumerate(self.sources):
-            order = np.arange(source.num_units)
-            if self.train:
-                order = np.random.default_rng([self.seed, self.epoch, s]).permutation(order)
-            if source.streams and source.num_units < total:
-                stream = (rec for u in order for rec in source.iter_unit(int(u)))
-                yield from (rec for k, rec in enumerate(stream) if k % total == g)
+    def unit_order(self, s: int) -> np.ndarray:
+        """Source ``s``'s units in this epoch's order (the same in every process)."""
+        order = np.arange(self.sources[s].num_units)
+        if self.train:
+            order = np.random.default_rng([self.seed, self.epoch, s]).permutation(order)
+        return order
+
+    def assigned_units(self, s: int, worker: int, workers: int) -> np.ndarray | None:
+        """Units of source ``s`` for this rank's ``worker``: split by rank first, then by worker,
+        so ranks differ by at most one unit. None when a stream source has fewer units than
+        there are workers in the world: then records, not units, are split."""
+        source = self.sources[s]
+        if source.streams and source.num_units < self.world_size * workers:
+            return None
+        return self.unit_order(s)[self.rank :: self.world_size][worker::workers]
+
+    def source_records(self, s: int, worker: int, workers: int) -> Iterator[Clip | Skip]:
+        """The records of source ``s`` that belong to this rank's ``worker``."""
+        units = self.assigned_units(s, worker, workers)
+        source = self.sources[s]
+        if units is None:
+            g, total = self.rank * workers + worker, self.world_size * workers
+            stream = (rec for u in self.unit_order(s) for rec in source.iter_unit(int(u)))
+            yield from (rec for k, rec in enumerate(stream) if k % total == g)
+        else:
+            for u in units:
+                yield from source.iter_unit(int(u))
+
+    def records(self, worker: int, workers: int, rng: random.Random) -> Iterator[Clip | Skip]:
+        """All of this worker's records; in training several sources are interleaved at random
+        (in proportion to their sizes) so that batches mix them from the start."""
+        streams = [self.source_records(s, worker, workers) for s in range(len(self.sources))]
+        if not self.train or len(streams) == 1:
+            for stream in streams:
+                yield from stream
+            return
+        weights = [float(self.sources[s].num_units) for s in range(len(streams))]
+        while streams:
+            pick = rng.choices(range(len(streams)), weights=weights)[0]
+            record = next(streams[pick], None)
+            if record is None:
+                del streams[pick], weights[pick]
             else:
-                for u in order[g::total]:
-                    yield from source.iter_unit(int(u))
+                yield record
+
+    def __len__(self) -> int:
+        """Estimated batches per epoch on this rank (an upper bound: skips make it smaller).
+
+        Raises TypeError for streamed shards, whose record count is unknown until read; Lightning
+        then treats the epoch length as unknown."""
+        estimate = self.estimated_batches(self.loader_workers)
+        if estimate is None:
+            raise TypeError("the number of records in streamed shards is unknown")
+        return estimate
+
+    def estimated_batches(self, workers: int) -> int | None:
+        """Batches this rank will yield (before skips), when every source knows its records."""
+        if any(source.streams for source in self.sources):
+            return None
+        total = 0
+        for worker in range(max(1, workers)):
+            count = sum(len(self.assigned_units(s, worker, max(1, workers)))
+                        for s in range(len(self.sources)))  # fmt: skip
+            total += math.ceil(count / self.batch_size)
+        return total
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        g, total = self.worker_slot()
-        rng = random.Random(f"{self.seed}/{self.epoch}/{g}")
+        worker, workers = self.worker_slot()
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
         crop_gen = torch.Generator().manual_seed(rng.getrandbits(62)) if self.train else None
-        records: Iterable[Clip | Skip] = self.records(g, total)
+        records: Iterable[Clip | Skip] = self.records(worker, workers, rng)
         if self.train and self.shuffle_buffer > 1:
             records = shuffled(records, self.shuffle_buffer, rng)
         batch: list[dict[str, Any]] = []

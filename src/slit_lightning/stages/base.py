@@ -109,7 +109,13 @@ class SLITStage(LightningModule):
             lr=hp.lr,
             betas=tuple(hp.betas),
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(
+                "the learning-rate schedule needs the run's length, and the training data's length"
+                " is unknown (streamed shards): set trainer.max_steps"
+            )
+        total = int(total)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
         )

@@ -13,6 +13,7 @@ reused by all three losses; BLIP-2's reference code projects the audio again for
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -147,6 +148,9 @@ class Stage1(SLITStage):
             atc.sim_a2t.detach(), atc.sim_t2a.detach(), keys, atc.clip_keys_global
         )
         keep = neg.valid
+        if not keep.any():  # e.g. every caption of the batch describes one clip: no negatives
+            logits = self.match_logits(kv, ids, mask, None)
+            return matching_loss(logits, torch.ones_like(keep, dtype=torch.long))
         local = torch.arange(ids.shape[0], device=ids.device)
         neg_ids, neg_mask = gather_nograd(ids)[neg.text_index], gather_nograd(mask)[neg.text_index]
         if dist.is_available() and dist.is_initialized():
@@ -206,7 +210,10 @@ class Stage1(SLITStage):
         self._eval["text_clip"].append(torch.tensor(clip_of))
         self._eval["captions"].extend(captions)
         if self.hparams.rerank_k and self.trainer.testing:
-            self._eval["feats"].extend((f[m].cpu() for f, m in zip(feats, frames, strict=True)))
+            # half precision on the CPU: the re-ranking needs them once, at the end
+            self._eval["feats"].extend(
+                f[m].half().cpu() for f, m in zip(feats, frames, strict=True)
+            )
 
     def on_validation_epoch_end(self) -> None:
         self._report("val")
@@ -222,7 +229,8 @@ class Stage1(SLITStage):
         sim = torch.einsum("te,ane->tan", text, audio).amax(dim=-1)  # (N_text, N_audio)
         metrics = {f"{split}/{k}": v for k, v in retrieval_metrics(sim, text_clip).items()}
         if split == "test" and self.hparams.rerank_k and store["feats"]:
-            reranked = self._rerank(sim, text_clip, store["feats"], store["captions"])
+            feats = [f.float() for f in store["feats"]]
+            reranked = self._rerank(sim, text_clip, feats, store["captions"])
             metrics |= {f"{split}/rerank_{k}": v for k, v in reranked.items()}
         metrics[f"{split}/chance_R@1"] = 1.0 / audio.shape[0]
         self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
@@ -231,24 +239,44 @@ class Stage1(SLITStage):
     def _rerank(
         self, sim: Tensor, text_clip: Tensor, clips: list[Tensor], captions: list[str]
     ) -> dict[str, float]:
-        """BLIP-2's re-ranking: the top-k clips of each caption re-scored by the matching head.
-
-        ``clips`` are the clips' unpadded encoder features ``(T_i, D)``; the score is the matching
-        probability plus the contrastive similarity, as in BLIP-2's evaluation."""
-        k = min(self.hparams.rerank_k, sim.shape[1])
-        top = sim.topk(k, dim=1).indices  # (N_text, k)
-        feats = nn.utils.rnn.pad_sequence(clips, batch_first=True).to(self.device)
-        lengths = torch.tensor([f.shape[0] for f in clips], device=self.device)
-        frames = torch.arange(feats.shape[1], device=self.device)[None] < lengths[:, None]
-        kv = self.qformer.audio_keys_values(feats, frames)
+        """BLIP-2's re-ranking: each caption's top-k clips, and each clip's top-k captions, get the
+        matching head's match logit added to their contrastive score; the rest keep their order
+        below them. ``clips`` are the clips' unpadded encoder features ``(T_i, D)``."""
+        k = min(self.hparams.rerank_k, sim.shape[1], sim.shape[0])
         ids, mask = self.tokenize(self.tokenizer, captions, self.hparams.max_text_len, False)
-        scores = torch.full_like(sim, float("-inf"))
-        for t in range(sim.shape[0]):
-            pair = self.match_logits(
-                kv, ids[t].expand(k, -1), mask[t].expand(k, -1), top[t].to(self.device)
-            )
-            scores[t, top[t]] = pair.softmax(-1)[:, 1].float().cpu() + sim[t, top[t]]
-        return retrieval_metrics(scores, text_clip)
+        t2a = sim - 1e4  # below every re-ranked pair, same order as before
+        top = sim.topk(k, dim=1).indices  # (N_text, k)
+        for t, scores in self._pair_scores(top, clips, ids, mask, by_text=True):
+            t2a[t, top[t]] = sim[t, top[t]] + scores
+        a2t = sim.T - 1e4
+        top = sim.T.topk(k, dim=1).indices  # (N_audio, k)
+        for a, scores in self._pair_scores(top, clips, ids, mask, by_text=False):
+            a2t[a, top[a]] = sim.T[a, top[a]] + scores
+        t2a_metrics = retrieval_metrics(t2a, text_clip)
+        a2t_metrics = retrieval_metrics(a2t.T, text_clip)
+        return {k: v for k, v in t2a_metrics.items() if k.startswith("t2a")} | {
+            k: v for k, v in a2t_metrics.items() if k.startswith("a2t")
+        }
+
+    def _pair_scores(
+        self, top: Tensor, clips: list[Tensor], ids: Tensor, mask: Tensor, by_text: bool
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Match logits of row ``r`` against its candidates ``top[r]``, a few rows at a time so the
+        audio keys/values of only ``rows x k`` clips are ever in memory."""
+        k = top.shape[1]
+        chunk = max(1, 256 // k)
+        for start in range(0, top.shape[0], chunk):
+            rows = range(start, min(start + chunk, top.shape[0]))
+            pairs = [(r, int(c)) for r in rows for c in top[r]]
+            audio = [c if by_text else r for r, c in pairs]
+            text = torch.tensor([r if by_text else c for r, c in pairs], device=self.device)
+            feats = nn.utils.rnn.pad_sequence([clips[a] for a in audio], batch_first=True)
+            lengths = torch.tensor([clips[a].shape[0] for a in audio])
+            frames = torch.arange(feats.shape[1])[None] < lengths[:, None]
+            kv = self.qformer.audio_keys_values(feats.to(self.device), frames.to(self.device))
+            logits = self.match_logits(kv, ids[text], mask[text], None)[:, 1].float().cpu()
+            for i, r in enumerate(rows):
+                yield r, logits[i * k : (i + 1) * k]
 
 
 def _gather_frames(feats: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,6 +303,9 @@ def _gather_eval(store: dict[str, list[Any]]) -> dict[str, Any]:
         return local
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
+    parts = [p for p in parts if p["audio"].shape[0]]  # a rank may have had no clips
+    if not parts:
+        return local
     offsets = torch.tensor([0] + [p["audio"].shape[0] for p in parts]).cumsum(0)
     return {
         "audio": torch.cat([p["audio"] for p in parts]),
