@@ -24,7 +24,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors ## run the main job on the built-in corpus (offline, CPU)
-	$(SLIT) data check --config conf/data.yaml --data.root $(DEMO_DIR)/corpus --log_dir $(DEMO_DIR)/logs/data
+	$(SLIT) data check --config conf/data.yaml --data.root $(DEMO_DIR)/corpus --splits [train] --log_dir $(DEMO_DIR)/logs/data
 	$(SLIT) fit --config conf/stage1.yaml
 	$(SLIT) test --config conf/stage1.yaml --ckpt_path $(DEMO_DIR)/stage1/checkpoints/last.ckpt
 	@echo "TensorBoard logs: $(DEMO_DIR)/logs  (make tensorboard)"

@@ -534,3 +534,23 @@ def test_bf16_audio_into_fp32_qformer(qformer: QFormer, batch: dict) -> None:
 def test_every_mode_is_covered_here() -> None:
     """The parametrized mode tests above run over MODES: a new mode must be added there."""
     assert set(get_args(AttentionMode)) == set(MODES)
+
+
+def test_from_bert_can_keep_the_first_layers_and_set_dropout(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    torch.manual_seed(0)
+    bert = BertModel(config)
+    bert.save_pretrained(tmp_path)
+    full = QFormer.from_bert(str(tmp_path), num_queries=2, encoder_width=8)
+    cut = QFormer.from_bert(
+        str(tmp_path), num_queries=2, encoder_width=8, num_layers=2, dropout=0.0
+    )
+    assert cut.config.num_layers == 2 and len(cut.layers) == 2
+    assert cut.config.dropout == cut.config.attention_dropout == 0.0
+    for i in range(2):
+        torch.testing.assert_close(cut.layers[i].ffn.fc1.weight, full.layers[i].ffn.fc1.weight)
+    with pytest.raises(ValueError, match="num_layers=4"):
+        QFormer.from_bert(str(tmp_path), num_layers=4)

@@ -287,6 +287,12 @@ class LMHead(nn.Module):
         return F.linear(self.norm(_activation(self.act, self.dense(x))), word_embeddings, self.bias)
 
 
+def _layer_beyond(key: str, count: int) -> bool:
+    """True for a weight of layer ``count`` or later (``layers.{i}.``)."""
+    parts = key.split(".")
+    return parts[0] == "layers" and int(parts[1]) >= count
+
+
 def attention_mask(
     mode: AttentionMode,
     num_queries: int,
@@ -481,14 +487,27 @@ class QFormer(nn.Module):
         num_queries: int = QFormerConfig.num_queries,
         cross_attention_freq: int = QFormerConfig.cross_attention_freq,
         encoder_width: int = QFormerConfig.encoder_width,
+        num_layers: int | None = None,
+        dropout: float | None = None,
     ) -> QFormer:
         """A Q-Former initialised from a BERT checkpoint (hub id or local folder), as BLIP-2 does.
 
         Copies embeddings, self-attention, feed-forward and the MLM head transform when the
         checkpoint has one (fresh init otherwise); the query feed-forward starts as a copy of the
-        text one; queries and cross-attention are new. Sizes come from the BERT config.
+        text one; queries and cross-attention are new. Sizes come from the BERT config, except
+        ``num_layers`` (keep only the first n BERT layers, for a cheaper Q-Former) and
+        ``dropout`` (hidden and attention dropout; None keeps the checkpoint's).
         """
         values, weights = load_bert(name_or_path)
+        if num_layers is not None:
+            if not 1 <= num_layers <= values["num_layers"]:
+                raise ValueError(
+                    f"num_layers={num_layers}: {name_or_path} has {values['num_layers']} layers"
+                )
+            values["num_layers"] = num_layers
+            weights = {k: v for k, v in weights.items() if not _layer_beyond(k, num_layers)}
+        if dropout is not None:
+            values["dropout"] = values["attention_dropout"] = dropout
         config = QFormerConfig(
             **values,
             num_queries=num_queries,

@@ -119,3 +119,17 @@ def test_rerank_lifts_matched_pairs_inside_top_k_only(stage1, monkeypatch):
     assert out["t2a_R@10"] < 1.0  # a clip outside the top-k is not counted as a hit
     base = retrieval_metrics(sim, text_clip)
     assert out["a2t_R@1"] >= base["a2t_R@1"]
+
+
+def test_mean_text_pooling_ignores_padding(tiny_encoder, tiny_bert):
+    torch.manual_seed(0)
+    model = Stage1(str(tiny_encoder), str(tiny_bert), num_queries=4, embed_dim=16,
+                   text_pooling="mean").eval()  # fmt: skip
+    ids, mask = model.tokenize(model.tokenizer, ["a short one", "a much longer caption here"], 16,
+                               pad_to_max=True)  # fmt: skip
+    alone_ids, alone_mask = model.tokenize(model.tokenizer, ["a short one"], 16, pad_to_max=False)
+    with torch.no_grad():
+        batch = model.text_embeddings(ids, mask)
+        alone = model.text_embeddings(alone_ids, alone_mask)
+    torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(batch[0], batch[1])

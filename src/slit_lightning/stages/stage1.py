@@ -14,7 +14,7 @@ reused by all three losses; BLIP-2's reference code projects the audio again for
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,12 @@ class Stage1(SLITStage):
             ``bert-base-uncased`` for real runs, the packaged MiniLM for the built-in default.
         num_queries: learned queries.
         cross_attention_freq: cross-attention to the audio in every n-th layer.
+        qformer_layers: keep only the first n layers of ``bert`` (None: all of them).
+        qformer_dropout: hidden and attention dropout of the Q-Former (None: ``bert``'s own).
         embed_dim: width of the shared contrastive space.
+        text_pooling: the text's contrastive feature: ``cls`` (its first token, as BLIP-2 with
+            bert-base) or ``mean`` (average of its tokens; right for sentence-embedding models
+            such as MiniLM, whose first token carries little in the lower layers).
         max_text_len: captions are cut to this many tokens.
         temperature: initial contrastive temperature (learned, clamped to [0.001, 0.5]).
         loss_atc: weight of the contrastive loss.
@@ -58,7 +63,10 @@ class Stage1(SLITStage):
         bert: str,
         num_queries: int = 32,
         cross_attention_freq: int = 2,
+        qformer_layers: int | None = None,
+        qformer_dropout: float | None = None,
         embed_dim: int = 256,
+        text_pooling: Literal["cls", "mean"] = "cls",
         max_text_len: int = 40,
         temperature: float = 0.07,
         loss_atc: float = 1.0,
@@ -71,7 +79,12 @@ class Stage1(SLITStage):
         self.save_hyperparameters()
         self.tokenizer = self.load_tokenizer(bert)
         self.qformer = QFormer.from_bert(
-            bert, num_queries, cross_attention_freq, encoder_width=self.encoder.width
+            bert,
+            num_queries,
+            cross_attention_freq,
+            encoder_width=self.encoder.width,
+            num_layers=qformer_layers,
+            dropout=qformer_dropout,
         )
         width = self.qformer.config.hidden_size
         self.audio_proj = nn.Linear(width, embed_dim)
@@ -88,9 +101,14 @@ class Stage1(SLITStage):
         return F.normalize(self.audio_proj(queries), dim=-1)
 
     def text_embeddings(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """Text alone -> ``(B, E)`` normalised contrastive features of its first ([CLS]) token."""
+        """Text alone -> ``(B, E)`` normalised contrastive features ([CLS] or mean of tokens)."""
         text = self.qformer(text_ids=ids, text_mask=mask, use_queries=False).text
-        return F.normalize(self.text_proj(text[:, 0]), dim=-1)
+        if self.hparams.text_pooling == "cls":
+            pooled = text[:, 0]
+        else:
+            weights = mask[..., None].to(text.dtype)
+            pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return F.normalize(self.text_proj(pooled), dim=-1)
 
     def match_logits(self, kv: AudioKV, ids: Tensor, mask: Tensor, index: Tensor | None) -> Tensor:
         """[queries; text] jointly -> ``(B', 2)`` matching logits; ``index`` picks audio rows."""
