@@ -54,6 +54,9 @@ class Stage1(SLITStage):
         loss_atm: weight of the matching loss.
         loss_atg: weight of the generation loss.
         rerank_k: at test time, re-rank each query's top-k by the matching head (0: off).
+        reuse_audio_kv: project each clip's audio to cross-attention keys/values once per step
+            and reuse them in every pass; False projects again for every matching pass, as
+            BLIP-2's reference code does (kept to measure the difference: ``make bench``).
         **kwargs: the shared settings of :class:`SLITStage` (encoder layer, optimiser, checkpoint).
     """
 
@@ -73,6 +76,7 @@ class Stage1(SLITStage):
         loss_atm: float = 1.0,
         loss_atg: float = 1.0,
         rerank_k: int = 16,
+        reuse_audio_kv: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
@@ -109,6 +113,17 @@ class Stage1(SLITStage):
             weights = mask[..., None].to(text.dtype)
             pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def paired_kv(
+        self, kv: AudioKV, feats: Tensor, frames: Tensor, index: Tensor | None
+    ) -> AudioKV:
+        """Keys/values of clips ``index (B',)`` of this step (None: all, in order): re-indexed
+        from ``kv``, or (``reuse_audio_kv`` off) projected again from the features, as BLIP-2."""
+        if self.hparams.reuse_audio_kv:
+            return kv if index is None else kv.select(index)
+        if index is None:
+            return self.qformer.audio_keys_values(feats, frames)
+        return self.qformer.audio_keys_values(feats[index], frames[index])
 
     def match_logits(self, kv: AudioKV, ids: Tensor, mask: Tensor, index: Tensor | None) -> Tensor:
         """[queries; text] jointly -> ``(B', 2)`` matching logits; ``index`` picks audio rows."""
@@ -166,10 +181,10 @@ class Stage1(SLITStage):
             atc.sim_a2t.detach(), atc.sim_t2a.detach(), keys, atc.clip_keys_global
         )
         keep = neg.valid
-        if not keep.any():  # e.g. every caption of the batch describes one clip: no negatives
-            logits = self.match_logits(kv, ids, mask, None)
-            return matching_loss(logits, torch.ones_like(keep, dtype=torch.long))
         local = torch.arange(ids.shape[0], device=ids.device)
+        if not keep.any():  # e.g. every caption of the batch describes one clip: no negatives
+            logits = self.match_logits(self.paired_kv(kv, feats, frames, None), ids, mask, None)
+            return matching_loss(logits, torch.ones_like(keep, dtype=torch.long))
         neg_ids, neg_mask = gather_nograd(ids)[neg.text_index], gather_nograd(mask)[neg.text_index]
         if dist.is_available() and dist.is_initialized():
             # negative clips may live on another rank: project just those B clips' audio
@@ -179,11 +194,17 @@ class Stage1(SLITStage):
             )
             logits_neg_audio = self.match_logits(neg_kv, ids[keep], mask[keep], local[keep])
         else:
-            logits_neg_audio = self.match_logits(kv, ids[keep], mask[keep], neg.audio_index[keep])
+            neg_kv = self.paired_kv(kv, feats, frames, neg.audio_index[keep])
+            logits_neg_audio = self.match_logits(neg_kv, ids[keep], mask[keep], None)
         logits = torch.cat(
             [
-                self.match_logits(kv, ids, mask, None),
-                self.match_logits(kv, neg_ids[keep], neg_mask[keep], local[keep]),
+                self.match_logits(self.paired_kv(kv, feats, frames, None), ids, mask, None),
+                self.match_logits(
+                    self.paired_kv(kv, feats, frames, local[keep]),
+                    neg_ids[keep],
+                    neg_mask[keep],
+                    None,
+                ),
                 logits_neg_audio,
             ]
         )
