@@ -30,8 +30,8 @@ from slit_lightning.stages import Stage1
 
 PRESETS = {
     "tiny": {"layers": 2, "width": 32, "heads": 4, "steps": 1, "audio_width": 64},  # tests
-    "small": {"layers": 4, "width": 256, "heads": 4, "steps": 3, "audio_width": 768},
-    "realistic": {"layers": 12, "width": 768, "heads": 12, "steps": 3, "audio_width": 768},
+    "small": {"layers": 4, "width": 256, "heads": 4, "steps": 5, "audio_width": 768},
+    "realistic": {"layers": 12, "width": 768, "heads": 12, "steps": 5, "audio_width": 768},
 }
 
 
@@ -64,24 +64,42 @@ def _models(folder: Path, preset: dict[str, int], audio_width: int) -> Path:
     return folder
 
 
-def _step_time(model: Stage1, batch: dict[str, Any], steps: int) -> tuple[float, list[float]]:
-    """Median seconds of forward + backward + AdamW step, and the losses of the first step."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
-    logged: dict[str, float] = {}
-    model.log_dict = lambda values, **_: logged.update(
-        {k: float(v.detach()) for k, v in values.items()}
-    )
-    model.log = lambda *_, **__: None
-    times, losses = [], []
-    for _ in range(steps + 1):  # the first step warms up allocators and kernels
-        torch.manual_seed(0)  # same hard negatives in both variants
-        start = time.perf_counter()
-        model.training_step(batch, 0).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-        losses = losses or [logged[f"train/loss_{k}"] for k in ("atc", "atm", "atg")]
-    return statistics.median(times[1:]), losses
+def _one_step(model: Stage1, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> float:
+    """Seconds of one forward + backward + AdamW step (hard negatives drawn from seed 0)."""
+    torch.manual_seed(0)  # same hard negatives in both variants
+    start = time.perf_counter()
+    model.training_step(batch, 0).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def _side_by_side(
+    models: list[Stage1], batch: dict[str, Any], steps: int
+) -> tuple[list[float], list[list[float]]]:
+    """Median step seconds of each model, steps interleaved (A, B, A, B...) so that drift in the
+    machine's speed hits both alike; and each model's losses at its first step."""
+    optimizers, logged = [], []
+    for model in models:
+        optimizers.append(
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
+        )
+        record: dict[str, float] = {}
+        model.log_dict = lambda values, record=record, **_: record.update(
+            {k: float(v.detach()) for k, v in values.items()}
+        )
+        model.log = lambda *_, **__: None
+        logged.append(record)
+    times: list[list[float]] = [[] for _ in models]
+    losses: list[list[float]] = [[] for _ in models]
+    for step in range(steps + 1):  # step 0 warms up allocators and kernels
+        for i, model in enumerate(models):
+            seconds = _one_step(model, optimizers[i], batch)
+            if step == 0:
+                losses[i] = [logged[i][f"train/loss_{k}"] for k in ("atc", "atm", "atg")]
+            else:
+                times[i].append(seconds)
+    return [statistics.median(t) for t in times], losses
 
 
 def bench_stage1_kv_reuse(preset: str, frames: int, batch_size: int = 8) -> dict[str, Any]:
@@ -105,8 +123,9 @@ def bench_stage1_kv_reuse(preset: str, frames: int, batch_size: int = 8) -> dict
     }
     ours.train()
     reference.train()
-    ours_s, ours_losses = _step_time(ours, batch, sizes["steps"])
-    ref_s, ref_losses = _step_time(reference, batch, sizes["steps"])
+    (ours_s, ref_s), (ours_losses, ref_losses) = _side_by_side(
+        [ours, reference], batch, sizes["steps"]
+    )
     same = all(
         abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(ours_losses, ref_losses, strict=True)
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -83,6 +84,8 @@ class SLITStage(LightningModule):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def on_fit_start(self) -> None:
+        # Lightning then warns that modules are in eval mode: that is the frozen encoder, on purpose
+        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", UserWarning)
         count = self.trainable_parameters()
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         log.info("trainable parameters: %s; frozen: %s", f"{count:,}", f"{frozen:,}")
