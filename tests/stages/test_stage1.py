@@ -133,3 +133,16 @@ def test_mean_text_pooling_ignores_padding(tiny_encoder, tiny_bert):
         alone = model.text_embeddings(alone_ids, alone_mask)
     torch.testing.assert_close(batch[0], alone[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batch[0], batch[1])
+
+
+def test_predict_gives_one_embedding_per_clip(stage1, clip_dir, tmp_path):
+    manifest = str(clip_dir / "train.jsonl")
+    dm = AudioTextDataModule(zeroshot=manifest, batch_size=5, num_workers=0, max_seconds=0.5)
+    trainer = pl.Trainer(accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    batches = trainer.predict(stage1, datamodule=dm)
+    ids = [c for b in batches for c in b["clip_id"]]
+    embeddings = torch.cat([b["audio_embedding"] for b in batches])
+    assert sorted(ids) == [f"clip{i:02d}" for i in range(12)]
+    assert embeddings.shape == (12, 4, 16)
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(12, 4))

@@ -237,6 +237,12 @@ class Stage1(SLITStage):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._collect(batch)
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """``slit predict``: each clip's normalised contrastive features ``(B, N, E)`` with its id."""
+        feats, frames = self.encode_audio(batch)
+        kv = self.qformer.audio_keys_values(feats, frames)
+        return {"clip_id": batch["clip_id"], "audio_embedding": self.audio_embeddings(kv).cpu()}
+
     def _collect(self, batch: dict[str, Any]) -> None:
         feats, frames = self.encode_audio(batch)
         kv = self.qformer.audio_keys_values(feats, frames)
