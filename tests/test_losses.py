@@ -405,3 +405,20 @@ def test_gather_is_identity_without_a_process_group():
     x = torch.randn(3, 2, requires_grad=True)
     assert gather_with_grad(x) is x
     assert gather_nograd(x) is x
+
+
+def test_generation_loss_with_head_projects_only_labelled_rows_and_matches_full_logits():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    head = torch.nn.Linear(4, 7)
+    labels = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 1, -100]])
+    seen = []
+
+    def counting_head(rows):
+        seen.append(rows.shape[0])
+        return head(rows)
+
+    full = generation_loss(head(hidden), labels)
+    lean = generation_loss(hidden, labels, head=counting_head)
+    torch.testing.assert_close(lean, full)
+    assert seen == [5]  # 2 + 3 positions predict a labelled token, not 2 x 4

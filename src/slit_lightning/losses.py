@@ -17,6 +17,7 @@ the loss by ``world_size`` on top of this.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -308,8 +309,12 @@ def generation_loss(
     labels: Tensor,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    head: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Next-token cross-entropy: ``logits (B, L, V), labels (B, L) -> scalar``.
+
+    With ``head`` (the vocabulary projection, ``(K, H) -> (K, V)``), the first argument is the
+    hidden states ``(B, L, H)`` instead, and only the labelled positions are projected.
 
     The shift is inside: logits at position t predict ``labels[:, t + 1]``, so pass labels
     aligned with the input ids (`labels_from_ids`). Positions labelled ``ignore_index`` carry no
@@ -323,7 +328,8 @@ def generation_loss(
     """
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
-            f"generation_loss wants logits (B, L, V) and labels (B, L); got "
+            f"generation_loss wants logits (B, L, V) (or hidden states with `head`) and labels"
+            f" (B, L); got "
             f"{tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     targets = labels[:, 1:]
@@ -331,6 +337,8 @@ def generation_loss(
     rows = logits[:, :-1][keep]  # (K, V): only positions that predict a labelled token
     if rows.shape[0] == 0:
         return logits.sum() * 0.0
+    if head is not None:
+        rows = head(rows)
     return F.cross_entropy(_upcast(rows), targets[keep], label_smoothing=label_smoothing)
 
 

@@ -59,10 +59,7 @@ class StreamLoader(DataLoader):
             batch, state, error = _next(batches)
             if self.lockstep:
                 state = _agree(state)
-            if state == FAILED:
-                raise error or TooManySkipsError(
-                    f"{self.split}: another rank passed the skip ceiling (see its log); stopping"
-                )
+            self._stop_if_failed(state, error)
             if state == EXHAUSTED:
                 if batch is not None:  # this rank had more: count what the others did not have
                     rest = [batch, *batches]
@@ -71,6 +68,13 @@ class StreamLoader(DataLoader):
                 break
             yield batch
         self._finish()
+
+    def _stop_if_failed(self, state: int, error: TooManySkipsError | None) -> None:
+        """Raise this rank's own error, or say that another rank failed (state agreed by all)."""
+        if state == FAILED:
+            raise error or TooManySkipsError(
+                f"{self.split}: another rank passed the skip ceiling (see its log); stopping"
+            )
 
     def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for batch in batches:
@@ -89,10 +93,7 @@ class StreamLoader(DataLoader):
             state, error = FAILED, err
         if self.lockstep:
             state = _agree(state)
-        if state == FAILED:
-            raise error or TooManySkipsError(
-                f"{self.split}: another rank passed the skip ceiling (see its log); stopping"
-            )
+        self._stop_if_failed(state, error)
         log.info(
             "%s: %d clips used, %d skipped (%s)%s",
             self.split,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from slit_lightning.losses import (
     contrastive_loss,
     gather_nograd,
+    generation_loss,
     labels_from_ids,
     matching_loss,
     sample_hard_negatives,
@@ -95,7 +96,7 @@ class Stage1(SLITStage):
         self.text_proj = nn.Linear(width, embed_dim)
         self.atm_head = nn.Linear(width, 2)
         self.temperature = nn.Parameter(torch.tensor(temperature))
-        self._eval: dict[str, list[Any]] = {}
+        self._eval: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the three views
 
@@ -217,17 +218,22 @@ class Stage1(SLITStage):
         return matching_loss(logits, labels)
 
     def _generation_loss(self, kv: AudioKV, ids: Tensor, mask: Tensor) -> Tensor:
-        """ATG: next-token loss of the caption given the queries; vocabulary logits are computed
-        only at positions that have a label (padding never reaches the big projection)."""
+        """ATG: next-token loss of the caption given the queries; the vocabulary projection runs
+        only at positions that have a label (padding never reaches it)."""
         text = self.qformer(audio_kv=kv, text_ids=ids, text_mask=mask, mode="causal").text
-        labels = labels_from_ids(ids, mask)[:, 1:]
-        hidden = text[:, :-1][labels != -100]
-        return F.cross_entropy(self.qformer.lm_logits(hidden).float(), labels[labels != -100])
+        return generation_loss(text, labels_from_ids(ids, mask), head=self.qformer.lm_logits)
 
     # ------------------------------------------------------------------ retrieval evaluation
 
     def on_validation_epoch_start(self) -> None:
-        self._eval = {"audio": [], "text": [], "text_clip": [], "feats": [], "captions": []}
+        self._eval = {
+            "audio": [],
+            "text": [],
+            "text_clip": [],
+            "feats": [],
+            "captions": [],
+            "clips": 0,
+        }
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -246,7 +252,7 @@ class Stage1(SLITStage):
     def _collect(self, batch: dict[str, Any]) -> None:
         feats, frames = self.encode_audio(batch)
         kv = self.qformer.audio_keys_values(feats, frames)
-        first = sum(a.shape[0] for a in self._eval["audio"])
+        first = self._eval["clips"]
         captions = [c for clip in batch["captions"] for c in clip]
         clip_of = [first + i for i, clip in enumerate(batch["captions"]) for _ in clip]
         ids, mask = self.tokenize(self.tokenizer, captions, self.hparams.max_text_len, False)
@@ -254,6 +260,7 @@ class Stage1(SLITStage):
         self._eval["text"].append(self.text_embeddings(ids, mask).cpu())
         self._eval["text_clip"].append(torch.tensor(clip_of))
         self._eval["captions"].extend(captions)
+        self._eval["clips"] += len(batch["captions"])
         if self.hparams.rerank_k and self.trainer.testing:
             # half precision on the CPU: the re-ranking needs them once, at the end
             self._eval["feats"].extend(
