@@ -201,7 +201,8 @@ class Stage1(SLITStage):
             [
                 self.match_logits(self.paired_kv(kv, feats, frames, None), ids, mask, None),
                 self.match_logits(
-                    self.paired_kv(kv, feats, frames, local[keep]),
+                    # all rows kept (the usual case): the step's K/V as they are, no copy
+                    self.paired_kv(kv, feats, frames, None if keep.all() else local[keep]),
                     neg_ids[keep],
                     neg_mask[keep],
                     None,
