@@ -104,3 +104,85 @@ def tiny_encoder(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     SmallAudioModel(config).save_pretrained(path)
     return path
+
+
+TINY_TEXT = [
+    "a low hum, then three short high beeps",
+    "a siren wails while white noise hisses",
+    "two knocks and a bell strike",
+    "Question: how many beeps are there? Answer: three",
+    "a rising sweep followed by a falling sweep",
+]
+
+
+def _tiny_tokenizer(bos: bool):
+    """A byte-level BPE tokenizer trained on a few sentences (EOS, pad; BOS added if ``bos``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TINY_TEXT, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def _tiny_llm_config(kind: str, vocab: int, pad: int, bos: int, eos: int):
+    from transformers import LlamaConfig, OPTConfig, T5Config
+
+    if kind == "opt":
+        return OPTConfig(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+            num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32,
+            pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, init_std=0.3,
+        )  # fmt: skip
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=vocab, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            pad_token_id=pad, bos_token_id=bos, eos_token_id=eos, initializer_range=0.3,
+        )  # fmt: skip
+    return T5Config(
+        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_factory(tmp_path_factory):
+    """``make(kind)`` -> folder of a tiny random ``opt``, ``llama`` or ``t5`` with its tokenizer.
+
+    The decoder-only ones start with weights of std 0.3 (not 0.02): a random model that far from
+    uniform can be steered by a soft prompt, which the tests use to check the input layout."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    made: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind not in made:
+            tokenizer = _tiny_tokenizer(bos=kind == "llama")
+            config = _tiny_llm_config(
+                kind, len(tokenizer), tokenizer.pad_token_id, 1, tokenizer.eos_token_id
+            )
+            auto = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
+            torch.manual_seed(0)
+            path = tmp_path_factory.mktemp(f"tiny_{kind}")
+            auto.from_config(config).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            made[kind] = path
+        return made[kind]
+
+    return make
