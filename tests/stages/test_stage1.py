@@ -82,7 +82,7 @@ def test_fit_validate_test_and_checkpoint_round_trip(
 
 
 def test_checkpoint_refuses_another_encoder(stage1, tmp_path, tiny_bert, tiny_encoder):
-    ckpt = {"state_dict": {}, "slit_encoder_reference": "some/other-encoder@layer-1"}
+    ckpt = {"state_dict": {}, "slit_frozen_references": {"encoder": "some/other-encoder@layer-1"}}
     with pytest.raises(ValueError, match="trained on encoder 'some/other-encoder@layer-1'"):
         stage1.on_load_checkpoint(ckpt)
 

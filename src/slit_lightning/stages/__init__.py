@@ -2,5 +2,6 @@
 
 from slit_lightning.stages.base import SLITStage
 from slit_lightning.stages.stage1 import Stage1
+from slit_lightning.stages.stage2 import Stage2
 
-__all__ = ["SLITStage", "Stage1"]
+__all__ = ["SLITStage", "Stage1", "Stage2"]

@@ -16,7 +16,7 @@ from slit_lightning.encoders import AudioEncoder, HFAudioEncoder
 
 log = logging.getLogger(__name__)
 
-ENCODER_REFERENCE = "slit_encoder_reference"
+FROZEN_REFERENCES = "slit_frozen_references"
 
 
 class SLITStage(LightningModule):
@@ -129,24 +129,35 @@ class SLITStage(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def frozen_parts(self) -> dict[str, tuple[str, bool]]:
+        """Frozen sub-modules: attribute name -> (identity, whether checkpoints hold its weights).
+
+        A part whose weights are left out is saved by reference: the checkpoint records its
+        identity and refuses to load onto a module built from anything else."""
+        return {"encoder": (self.encoder.identity, self.hparams.save_encoder_weights)}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[ENCODER_REFERENCE] = self.encoder.identity
-        if not self.hparams.save_encoder_weights:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("encoder.")]:
-                del state[key]
+        parts = self.frozen_parts()
+        checkpoint[FROZEN_REFERENCES] = {name: identity for name, (identity, _) in parts.items()}
+        state = checkpoint["state_dict"]
+        for name, (_, keep) in parts.items():
+            if not keep:
+                for key in [k for k in state if k.startswith(f"{name}.")]:
+                    del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(ENCODER_REFERENCE)
-        if saved is not None and saved != self.encoder.identity:
-            raise ValueError(
-                f"this checkpoint was trained on encoder {saved!r} but the model was built with"
-                f" {self.encoder.identity!r}; set model.encoder to the checkpoint's encoder"
-            )
+        saved = checkpoint.get(FROZEN_REFERENCES, {})
         state = checkpoint["state_dict"]
-        if not any(k.startswith("encoder.") for k in state):
-            # saved by reference: the encoder just loaded from its folder is the one it names
-            state.update({f"encoder.{k}": v for k, v in self.encoder.state_dict().items()})
+        for name, (identity, _) in self.frozen_parts().items():
+            if name in saved and saved[name] != identity:
+                raise ValueError(
+                    f"this checkpoint was trained on {name} {saved[name]!r} but the model was built"
+                    f" with {identity!r}; set model.{name} to the checkpoint's {name}"
+                )
+            if not any(k.startswith(f"{name}.") for k in state):
+                # saved by reference: the part just loaded from its folder is the one it names
+                module = getattr(self, name)
+                state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:

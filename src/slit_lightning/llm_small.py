@@ -1,0 +1,468 @@
+"""The project's own small frozen LLM, and ``bootstrap_llm`` that trains it once.
+
+The built-in default must run offline, where no pretrained LLM can be downloaded, so the project
+trains a small one itself: :func:`bootstrap_llm` fits a byte-level BPE tokenizer and a 4-layer
+LLaMA-style causal LM on sentences of the built-in corpus's kind, and saves both with
+``save_pretrained``. From then on it is a plain transformers checkpoint, loaded and frozen like any
+pretrained LLM, with nothing from this package imported::
+
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)      # PreTrainedTokenizerFast
+    model = AutoModelForCausalLM.from_pretrained(out_dir)   # LlamaForCausalLM
+
+Its text: the corpus's train-split captions and question/answer pairs, plus many more sentences
+from scenes planned (never rendered) with the corpus generator's own rules, some of them worded
+with the held-out synonyms (a real LLM knows every English word), some behind instruction-like
+prefixes ("Describe the sound.", "Question: ... Answer: ...") that later stages prompt with. The
+zeroshot split's text and its held-out event pairs are never used. Case is kept (no lower-casing):
+the tokenizer is byte-level, so any text round-trips exactly, and a tenth of the documents are
+lower-cased so lower-case prompts are familiar too.
+
+Tokenizer conventions (as LLaMA's): ``tokenizer(text)`` gives ``<s>`` + tokens, no ``</s>``;
+every training document is ``<s> text </s>``; padding uses ``<pad>``; ``<unk>`` exists but a
+byte-level vocabulary never needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from slit_lightning.data import synth, synth_text
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "INSTRUCTIONS",
+    "bootstrap_llm",
+    "corpus_documents",
+    "generated_documents",
+    "is_complete",
+    "tiny_knobs",
+]
+
+SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+}
+METRICS_FILE = "metrics.json"
+# Prefixes later stages may put before a caption; the LM sees them in front of true captions.
+INSTRUCTIONS = (
+    "Describe the sound.",
+    "Describe the audio.",
+    "Describe what you hear.",
+    "A short caption:",
+    "Caption:",
+    "Write a caption for the audio clip.",
+    "What can be heard in this recording?",
+    "Summarize the audio in one sentence.",
+)
+_PREFIXED, _LOWERED, _HELDOUT = 0.3, 0.1, 0.25  # shares of captions / documents / scenes
+_SEED_TAG = 0x11A  # separates the text streams from the corpus's own clip streams
+
+
+# ---------------------------------------------------------------------------------------------
+# text: documents of the built-in corpus's kind
+
+
+def _style(text: str, rng: np.random.Generator) -> str:
+    """A few documents lower-cased, so prompts typed in lower case are familiar too."""
+    return text.lower() if rng.random() < _LOWERED else text
+
+
+def _documents(caps: list[str], qa: list[dict[str, str]], rng: np.random.Generator) -> list[str]:
+    """One clip's documents: its captions (some behind an instruction) and its QA pairs."""
+    docs = []
+    for caption in caps:
+        if rng.random() < _PREFIXED:
+            caption = f"{INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]} {caption}"
+        docs.append(_style(caption, rng))
+    docs += [_style(f"Question: {p['question']} Answer: {p['answer']}", rng) for p in qa]
+    return docs
+
+
+def corpus_documents(corpus: str | Path, seed: int = 0) -> list[str]:
+    """Documents from the corpus's ``train.jsonl``: captions and ``Question: ... Answer: ...``.
+
+    Raises:
+        FileNotFoundError: ``corpus`` or its ``train.jsonl`` is missing.
+    """
+    corpus = Path(corpus)
+    path = corpus / "train.jsonl"
+    if not path.is_file():
+        what = "does not exist" if not corpus.is_dir() else "has no train.jsonl"
+        raise FileNotFoundError(
+            f"corpus folder {corpus} {what}: bootstrap_llm needs the built-in corpus"
+            " (make one with `slit data synth --out DIR`)"
+        )
+    rng = np.random.default_rng([seed, _SEED_TAG, 0])
+    docs: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            docs += _documents(list(row.get("captions") or []), list(row.get("qa") or []), rng)
+    if not docs:
+        raise ValueError(f"{path} holds no captions: nothing to train the LLM on")
+    return docs
+
+
+def generated_documents(
+    scenes: int, seed: int, stream: int, pairs: list[tuple[str, str]], seconds: float = 5.0
+) -> list[str]:
+    """Documents of ``scenes`` new scenes, planned by the corpus generator but not rendered.
+
+    Args:
+        scenes: how many scenes.
+        seed: with ``stream`` (0 train, 1 validation) it fixes every scene and sentence.
+        pairs: event pairs never put together (the corpus's held-out pairs).
+        seconds: clip length the scenes are planned for.
+    """
+    docs: list[str] = []
+    for index in range(scenes):
+        plan_rng, text_rng = (
+            np.random.default_rng(s)
+            for s in np.random.SeedSequence([seed, _SEED_TAG, 1 + stream, index]).spawn(2)
+        )
+        events, background = synth._plan_scene(plan_rng, "train", pairs, seconds)
+        # zeroshot=True mixes held-out synonyms into the wordings; the scene itself stays a
+        # train-kind scene (no held-out pair), so no zeroshot clip's description is ever seen
+        heldout = bool(text_rng.random() < _HELDOUT)
+        caps = synth_text.captions(events, background["level"], text_rng, zeroshot=heldout)
+        docs += _documents(caps, synth_text.questions(events, text_rng), text_rng)
+    return docs
+
+
+def _corpus_settings(corpus: Path) -> tuple[list[tuple[str, str]], float]:
+    """Held-out pairs and clip length from ``corpus.json`` (none and 5 s for other corpora)."""
+    path = corpus / "corpus.json"
+    if not path.is_file():
+        return [], 5.0
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    pairs = [(str(a), str(b)) for a, b in meta.get("heldout_pairs") or []]
+    return pairs, float(meta.get("clip_seconds") or 5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer and model
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> Any:
+    """Byte-level BPE on ``texts`` as a ``PreTrainedTokenizerFast`` that adds ``<s>`` in front."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values())
+    core = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no unknown text
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, model_max_length=max_length, **SPECIAL_TOKENS
+    )
+
+
+def _model_config(tokenizer: Any, hidden_size: int, num_layers: int, num_heads: int) -> Any:
+    """A LLaMA config; MLP width ~8/3 of the hidden size (rounded up to 64), as LLaMA's."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=64 * math.ceil(8 * hidden_size / 3 / 64),
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        tie_word_embeddings=True,  # the vocabulary is small; tying halves the embedding weights
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _token_stream(tokenizer: Any, docs: list[str]) -> Tensor:
+    """All documents as one ``(N,)`` stream ``<s> doc </s> <s> doc </s> ...``."""
+    # verbose=False: documents longer than a window are fine here, windows cut the stream
+    ids = tokenizer(docs, add_special_tokens=True, verbose=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+def _fit(
+    model: Any,
+    stream: Tensor,
+    steps: int,
+    batch_size: int,
+    block_size: int,
+    lr: float,
+    progress: Callable[[int, int], None] | None,
+) -> float:
+    """AdamW, linear warm-up and cosine decay on random windows of the packed stream.
+
+    Packing documents (rather than padding each) wastes no compute on padding; RoPE positions are
+    relative, so a document that starts mid-window reads the same as one at position 0.
+    Returns the mean loss of the last tenth of the steps.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        ),
+    )
+    starts = torch.randint(0, max(1, len(stream) - block_size), (steps, batch_size))
+    window = torch.arange(block_size)
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = stream[(starts[step].unsqueeze(1) + window).clamp_max(len(stream) - 1)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, steps)
+    model.eval()
+    tail = losses[-max(1, steps // 10) :]
+    return sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def evaluate(model: Any, tokenizer: Any, docs: list[str], batch_size: int = 64) -> float:
+    """Mean next-token loss (nats per token) over ``docs``, each read alone as ``<s> doc </s>``."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(docs), batch_size):
+        chunk = [doc + tokenizer.eos_token for doc in docs[i : i + batch_size]]
+        enc = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        logits = model(**enc).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += int((targets != -100).sum())
+    return total / max(1, count)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch for a block, then give the caller its RNG states back."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap: train once, save atomically
+
+
+def is_complete(folder: str | Path) -> bool:
+    """True when ``folder`` holds a saved LLM: config, weights, tokenizer and metrics (written last)."""
+    folder = Path(folder)
+    names = ("config.json", "model.safetensors", "tokenizer.json", METRICS_FILE)
+    return all((folder / name).is_file() for name in names)
+
+
+def tiny_knobs() -> dict[str, Any]:
+    """Keyword arguments that make :func:`bootstrap_llm` run in a few seconds (for tests)."""
+    return {
+        "scenes": 60,
+        "val_scenes": 10,
+        "vocab_size": 400,
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 2,
+        "block_size": 64,
+        "steps": 40,
+        "batch_size": 8,
+        "lr": 3e-3,
+    }
+
+
+def bootstrap_llm(
+    corpus_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    scenes: int = 4000,
+    val_scenes: int = 150,
+    vocab_size: int = 1024,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    block_size: int = 128,
+    steps: int = 300,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Train the built-in small causal LM and its tokenizer once; save both into ``out_dir``.
+
+    Runs once: when ``out_dir`` already holds a complete model, its metrics are returned and
+    nothing trains. Everything is written to a temporary sibling folder and renamed into place, so
+    an interrupted run never leaves a folder that looks complete. Same seed, same weights (on the
+    same machine and thread count).
+
+    Args:
+        corpus_dir: the built-in corpus (``slit data synth --out DIR``): its ``train.jsonl`` gives
+            text, its ``corpus.json`` the held-out event pairs that generated scenes avoid.
+        out_dir: where the model goes (``config.json``, ``model.safetensors``, tokenizer files,
+            ``metrics.json``); load it with ``AutoModelForCausalLM.from_pretrained(out_dir)``.
+        seed: fixes the generated text, the initialisation and the data order.
+        scenes: extra scenes whose captions and questions are generated for training.
+        val_scenes: other scenes whose documents measure the validation loss.
+        vocab_size: BPE vocabulary size, special tokens and the 256 bytes included.
+        hidden_size, num_layers, num_heads: LLaMA sizes.
+        block_size: training window in tokens, also the model's maximum positions.
+        steps, batch_size, lr: AdamW steps, windows per step and peak learning rate.
+        progress: called as ``progress(step, total_steps)`` after every optimizer step.
+
+    Returns:
+        The metrics also written to ``metrics.json``: ``val_loss`` (nats per token),
+        ``val_perplexity``, ``val_loss_untrained``, ``train_loss``, ``seconds``, sizes, ...
+    """
+    out = Path(out_dir)
+    if is_complete(out):
+        log.info("LLM already bootstrapped in %s; not training again", out)
+        return json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} exists but holds no complete saved LLM (config.json, model.safetensors,"
+            f" tokenizer.json, {METRICS_FILE}): remove it or choose another out_dir"
+        )
+    start = time.monotonic()
+    knobs = {
+        "seed": seed, "scenes": scenes, "val_scenes": val_scenes, "vocab_size": vocab_size,
+        "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
+        "block_size": block_size, "steps": steps, "batch_size": batch_size, "lr": lr,
+    }  # fmt: skip
+    _check_knobs(knobs)
+    model, tokenizer, metrics = _train(Path(corpus_dir), knobs, progress)
+    metrics["seconds"] = round(time.monotonic() - start, 1)
+    _save_atomic(model, tokenizer, metrics, out)
+    return metrics
+
+
+def _check_knobs(knobs: dict[str, Any]) -> None:
+    """Reject sizes that would fail deep inside torch with an unhelpful message."""
+    for name in ("scenes", "val_scenes", "hidden_size", "num_layers", "num_heads", "steps"):
+        if int(knobs[name]) < 1:
+            raise ValueError(f"{name} must be at least 1, got {knobs[name]}")
+    if knobs["hidden_size"] % knobs["num_heads"]:
+        raise ValueError(
+            f"hidden_size ({knobs['hidden_size']}) must be divisible by num_heads"
+            f" ({knobs['num_heads']})"
+        )
+    if knobs["vocab_size"] < 260 + len(SPECIAL_TOKENS):
+        raise ValueError("vocab_size must be at least 264 (256 bytes + specials + merges)")
+    if knobs["block_size"] < 8 or knobs["batch_size"] < 1:
+        raise ValueError("block_size must be at least 8 and batch_size at least 1")
+
+
+def _train(
+    corpus: Path, knobs: dict[str, Any], progress: Callable[[int, int], None] | None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Texts -> tokenizer -> LLaMA trained on the packed stream; with its metrics."""
+    from transformers import LlamaForCausalLM
+
+    seed = knobs["seed"]
+    pairs, seconds = _corpus_settings(corpus)
+    from_corpus = corpus_documents(corpus, seed)
+    train_docs = from_corpus + generated_documents(knobs["scenes"], seed, 0, pairs, seconds)
+    val_docs = generated_documents(knobs["val_scenes"], seed, 1, pairs, seconds)
+    tokenizer = train_tokenizer(train_docs, knobs["vocab_size"], knobs["block_size"])
+    stream = _token_stream(tokenizer, train_docs)
+    with _seeded(seed):
+        config = _model_config(
+            tokenizer, knobs["hidden_size"], knobs["num_layers"], knobs["num_heads"]
+        )
+        model = LlamaForCausalLM(config)
+        untrained = evaluate(model, tokenizer, val_docs)
+        train_loss = _fit(
+            model,
+            stream,
+            knobs["steps"],
+            knobs["batch_size"],
+            knobs["block_size"],
+            knobs["lr"],
+            progress,
+        )
+    val_loss = evaluate(model, tokenizer, val_docs)
+    log.info("LLM bootstrap: val loss %.4f (perplexity %.3f)", val_loss, math.exp(val_loss))
+    metrics = {
+        "val_loss": round(val_loss, 4),
+        "val_perplexity": round(math.exp(val_loss), 3),
+        "val_loss_untrained": round(untrained, 4),
+        "train_loss": round(train_loss, 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "train_documents": len(train_docs),
+        "corpus_documents": len(from_corpus),
+        "train_tokens": len(stream),
+        "val_documents": len(val_docs),
+        **knobs,
+        "corpus": str(corpus),
+    }
+    return model, tokenizer, metrics
+
+
+def _save_atomic(model: Any, tokenizer: Any, metrics: dict[str, Any], out: Path) -> None:
+    """Save into a hidden sibling folder (metrics last), then rename it to ``out`` in one step."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        text = json.dumps(metrics, indent=2) + "\n"
+        (tmp / METRICS_FILE).write_text(text, encoding="utf-8")
+        os.replace(tmp, out)  # also replaces an empty out_dir; fails on a non-empty one
+    except OSError:
+        if not is_complete(out):
+            raise
+        # another process (e.g. a second rank) finished first: keep its result
+        log.info("%s was written by another process meanwhile; keeping it", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
