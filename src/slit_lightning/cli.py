@@ -5,7 +5,9 @@ YAML can interpolate and several ``--config`` files compose). The other sub-comm
 
 - ``slit data synth``  writes the built-in audio-caption corpus;
 - ``slit data check``  runs the data pipeline over the configured splits and reports clips/s, skips;
-- ``slit data shards`` packs a manifest into WebDataset tar shards for fast streaming.
+- ``slit data shards`` packs a manifest into WebDataset tar shards for fast streaming;
+- ``slit bootstrap encoder|llm`` trains the built-in default's frozen audio encoder / LLM once;
+- ``slit caption FILE... --ckpt PATH`` prints a caption for each audio file.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from slit_lightning.data.skips import TooManySkipsError
 from slit_lightning.data.sources import DataConfigError
+from slit_lightning.llm import LLMConfigError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -125,38 +128,90 @@ def data_command(argv: list[str]) -> None:
 
 
 def bootstrap_parser() -> Any:
-    """Parser of ``slit bootstrap encoder``."""
+    """Parser of ``slit bootstrap encoder|llm``."""
     from jsonargparse import ArgumentParser
 
     from slit_lightning.encoder_small import bootstrap_encoder
+    from slit_lightning.llm_small import bootstrap_llm
 
-    encoder = ArgumentParser(
-        description="Pre-train the built-in small audio encoder once on the built-in corpus."
-    )
-    encoder.add_argument("--corpus", required=True, help="corpus folder (slit data synth --out)")
-    encoder.add_argument("--out", required=True, help="folder for config.json + model.safetensors")
-    encoder.add_function_arguments(
-        bootstrap_encoder, skip={"corpus_dir", "out_dir", "progress", "config"}
-    )
-    encoder.add_argument("--quiet", action="store_true", help="no progress bar")
     parser = ArgumentParser(prog="slit bootstrap", description="Build the built-in models.")
     commands = parser.add_subcommands(dest="command")
-    commands.add_subcommand("encoder", encoder)
+    jobs = {
+        "encoder": (bootstrap_encoder, "Pre-train the built-in small audio encoder once."),
+        "llm": (bootstrap_llm, "Train the built-in small causal LM and its tokenizer once."),
+    }
+    for name, (job, description) in jobs.items():
+        sub = ArgumentParser(description=description + " Needs the built-in corpus.")
+        sub.add_argument("--corpus", required=True, help="corpus folder (slit data synth --out)")
+        sub.add_argument("--out", required=True, help="folder for the model (save_pretrained)")
+        sub.add_function_arguments(job, skip={"corpus_dir", "out_dir", "progress", "config"})
+        sub.add_argument("--quiet", action="store_true", help="no progress bar")
+        commands.add_subcommand(name, sub)
     return parser
 
 
 def bootstrap_command(argv: list[str]) -> None:
-    """Run ``slit bootstrap encoder ...``."""
+    """Run ``slit bootstrap encoder|llm ...``."""
     from slit_lightning import progress
     from slit_lightning.encoder_small import bootstrap_encoder
+    from slit_lightning.llm_small import bootstrap_llm
 
     cfg = bootstrap_parser().parse_args(argv)
     sub = cfg[cfg.command]
+    job = bootstrap_encoder if cfg.command == "encoder" else bootstrap_llm
     kwargs = {k: v for k, v in sub.items() if k not in ("corpus", "out", "quiet", "__path__")}
-    with progress.bar("bootstrapping the audio encoder", quiet=sub.quiet) as tick:
-        metrics = bootstrap_encoder(sub.corpus, sub.out, progress=tick, **kwargs)
-    shown = {k: metrics[k] for k in ("val_map", "val_f1", "seconds") if k in metrics}
-    print(f"audio encoder in {sub.out}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    with progress.bar(f"bootstrapping the {cfg.command}", quiet=sub.quiet) as tick:
+        metrics = job(sub.corpus, sub.out, progress=tick, **kwargs)
+    shown = ("val_map", "val_f1", "val_loss", "val_perplexity", "seconds")
+    summary = ", ".join(f"{k} {metrics[k]}" for k in shown if k in metrics)
+    what = {"encoder": "audio encoder", "llm": "LLM"}[cfg.command]
+    print(f"{what} in {sub.out}: {summary}")
+
+
+def caption_parser() -> Any:
+    """Parser of ``slit caption``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="slit caption", description="Print one caption per audio file (any format or rate)."
+    )
+    parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
+    parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (.ckpt)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_seconds", type=float | None, default=None, help="cut clips")
+    parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
+    parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
+    for name, kind in (("num_beams", int), ("max_new_tokens", int), ("repetition_penalty", float)):
+        parser.add_argument(f"--{name}", type=kind | None, default=None, help="generation")
+    return parser
+
+
+def caption_command(argv: list[str]) -> None:
+    """Run ``slit caption ...``: ``file<TAB>caption`` lines; unreadable files go to stderr."""
+    import dataclasses
+
+    from slit_lightning.data.audio import AudioError
+    from slit_lightning.inference import caption_files, load_stage2
+
+    cfg = caption_parser().parse_args(argv)
+    try:
+        model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
+    except FileNotFoundError as err:
+        raise SystemExit(f"slit caption: {err}") from None
+    chosen = {k: cfg[k] for k in ("num_beams", "max_new_tokens", "repetition_penalty")}
+    settings = dataclasses.replace(
+        model.generation, **{k: v for k, v in chosen.items() if v is not None}
+    )
+    failed = 0
+    for path, result in caption_files(model, cfg.files, cfg.batch_size, cfg.max_seconds, settings):
+        if isinstance(result, AudioError):
+            failed += 1
+            print(f"{path}\tskipped: {result}", file=sys.stderr)
+        else:
+            print(f"{path}\t{result}", flush=True)
+    if failed:
+        raise SystemExit(f"slit caption: {failed} of {len(cfg.files)} files could not be read")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,10 +226,12 @@ def main(argv: list[str] | None = None) -> None:
             data_command(argv[1:])
         elif argv[0] == "bootstrap":
             bootstrap_command(argv[1:])
+        elif argv[0] == "caption":
+            caption_command(argv[1:])
         else:
-            known = ", ".join((*LIGHTNING_COMMANDS, "data", "bootstrap"))
+            known = ", ".join((*LIGHTNING_COMMANDS, "data", "bootstrap", "caption"))
             raise SystemExit(f"slit: unknown command {argv[0]!r}; commands: {known}")
-    except (DataConfigError, TooManySkipsError) as err:
+    except (DataConfigError, TooManySkipsError, LLMConfigError) as err:
         # A user's data problem: one line that names the files and the fix, no traceback.
         raise SystemExit(f"slit: {err}") from None
 

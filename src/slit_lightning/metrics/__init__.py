@@ -1,1 +1,1 @@
-"""Evaluation metrics: retrieval (captioning, classification and QA follow)."""
+"""Evaluation metrics: retrieval and captioning (classification and QA follow)."""

@@ -98,6 +98,14 @@ class Stage2(SLITStage):
         freeze_text_path(self.qformer)
         self._eval: dict[str, list[Any]] = {}
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.init_from is None and self.trainer.ckpt_path is None:
+            log.warning(
+                "model.init_from is not set: the Q-Former starts from %s, not from stage 1",
+                self.hparams.bert,
+            )
+
     def frozen_parts(self) -> dict[str, tuple[str, bool]]:
         return super().frozen_parts() | {"llm": (self.llm.identity, self.hparams.save_llm_weights)}
 

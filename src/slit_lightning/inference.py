@@ -1,0 +1,73 @@
+"""Running a trained model on audio files: decode, batch, caption.
+
+``slit caption FILE... --ckpt PATH`` is a thin layer over :func:`caption_files`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from slit_lightning.data.audio import AudioError, crop, load_audio, pad_batch, seconds_to_samples
+from slit_lightning.llm import Generation
+from slit_lightning.stages.stage2 import Stage2
+
+
+def load_stage2(
+    ckpt: str | Path,
+    device: str = "cpu",
+    encoder: str | None = None,
+    llm: str | None = None,
+) -> Stage2:
+    """A stage-2 (or later) checkpoint, loaded with ``weights_only=True``, in eval mode.
+
+    ``encoder`` / ``llm`` point at the frozen models when they have moved since training (the
+    checkpoint stores them by reference and checks that they are the same weights)."""
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt}")
+    overrides = {k: v for k, v in {"encoder": encoder, "llm": llm}.items() if v is not None}
+    model = Stage2.load_from_checkpoint(
+        ckpt, map_location=device, weights_only=True, init_from=None, **overrides
+    )
+    return model.eval()
+
+
+def caption_files(
+    model: Stage2,
+    paths: Sequence[str | Path],
+    batch_size: int = 8,
+    max_seconds: float | None = None,
+    settings: Generation | None = None,
+) -> Iterator[tuple[str, str | AudioError]]:
+    """``(path, caption)`` per file in order; ``(path, AudioError)`` for a file that cannot be read.
+
+    Any format, rate and channel count the data pipeline reads; clips are mixed to mono and
+    resampled to the encoder's rate, and cut to ``max_seconds`` (None: the encoder's own window
+    if it has one, else the whole clip)."""
+    rate = model.encoder.sample_rate
+    limit = max_seconds or getattr(model.encoder, "max_seconds", None)
+    for start in range(0, len(paths), batch_size):
+        chunk = [str(p) for p in paths[start : start + batch_size]]
+        waves: dict[str, torch.Tensor] = {}
+        failed: dict[str, AudioError] = {}
+        for path in chunk:
+            try:
+                wave = load_audio(path, rate)
+            except AudioError as err:
+                failed[path] = err
+                continue
+            waves[path] = crop(wave, seconds_to_samples(limit, rate), None) if limit else wave
+        captions = dict(zip(waves, _caption(model, list(waves.values()), settings), strict=True))
+        for path in chunk:
+            yield path, captions[path] if path in captions else failed[path]
+
+
+@torch.no_grad()
+def _caption(model: Stage2, waves: list[torch.Tensor], settings: Generation | None) -> list[str]:
+    if not waves:
+        return []
+    audio, mask = pad_batch(waves)
+    batch = {"audio": audio.to(model.device), "audio_mask": mask.to(model.device)}
+    return model.caption(batch, settings)
