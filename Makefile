@@ -23,10 +23,16 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev,builtin]"
 	@touch $(STAMP)
 
-demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors ## run the main job on the built-in corpus (offline, CPU)
+DEMO_CLIPS = $(DEMO_DIR)/corpus/audio/test/test-000000.flac $(DEMO_DIR)/corpus/audio/test/test-000001.flac $(DEMO_DIR)/corpus/audio/test/test-000002.flac
+
+demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors $(DEMO_DIR)/llm/metrics.json ## run the main job on the built-in corpus (offline, CPU)
 	$(SLIT) data check --config conf/data.yaml --data.root $(DEMO_DIR)/corpus --splits [train] --log_dir $(DEMO_DIR)/logs/data
 	$(SLIT) fit --config conf/stage1.yaml
 	$(SLIT) test --config conf/stage1.yaml --ckpt_path $(DEMO_DIR)/stage1/checkpoints/last.ckpt
+	$(SLIT) fit --config conf/stage2.yaml
+	$(SLIT) test --config conf/stage2.yaml --ckpt_path $(DEMO_DIR)/stage2/checkpoints/last.ckpt
+	$(SLIT) caption $(DEMO_CLIPS) --ckpt $(DEMO_DIR)/stage2/checkpoints/last.ckpt
+	@echo "test captions and scores: $(DEMO_DIR)/logs/stage2/version_*/test_captions.json"
 	@echo "TensorBoard logs: $(DEMO_DIR)/logs  (make tensorboard)"
 
 # corpus.json is written last, so its presence means a complete corpus
@@ -34,7 +40,11 @@ $(DEMO_DIR)/corpus/corpus.json: $(STAMP)
 	$(SLIT) data synth --out $(DEMO_DIR)/corpus
 
 $(DEMO_DIR)/encoder/model.safetensors: $(DEMO_DIR)/corpus/corpus.json
-	$(SLIT) bootstrap encoder --corpus $(DEMO_DIR)/corpus --out $(DEMO_DIR)/encoder
+	$(SLIT) bootstrap encoder --corpus $(DEMO_DIR)/corpus --out $(DEMO_DIR)/encoder --epochs 5
+
+# metrics.json is written last, so its presence means a complete model
+$(DEMO_DIR)/llm/metrics.json: $(DEMO_DIR)/corpus/corpus.json
+	$(SLIT) bootstrap llm --corpus $(DEMO_DIR)/corpus --out $(DEMO_DIR)/llm
 
 test: $(STAMP) ## run the default test suite (no slow, no gpu tests)
 	$(PY) -m pytest -q

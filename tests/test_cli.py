@@ -127,54 +127,54 @@ def test_lightning_cli_takes_the_data_section_from_yaml(clip_dir, tmp_path):
     assert sorted(cli.model.epochs[0]) == [f"clip{i:02d}" for i in range(12)]
 
 
-def test_built_in_chain_synth_bootstrap_stage1_fast_dev_run(tmp_path, tiny_bert, capsys):
-    corpus, encoder = tmp_path / "corpus", tmp_path / "encoder"
+def _checkpoint_to(folder) -> str:
+    return json.dumps(
+        [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(folder), "save_last": True},
+            }
+        ]
+    )
+
+
+def test_built_in_chain_synth_bootstrap_stage1_stage2_caption(tmp_path, tiny_bert, capsys):
+    """The demo's chain at toy size through the CLI: corpus, both bootstraps, stage 1, stage 2
+    from the stage-1 checkpoint, then `slit caption` on corpus files."""
+    from slit_lightning.llm_small import tiny_knobs
+
+    corpus, encoder, llm = tmp_path / "corpus", tmp_path / "encoder", tmp_path / "llm"
     main(
         ["data", "synth", "--out", str(corpus), "--clips", "24", "--clip_seconds", "1.0", "--quiet"]
     )
-    main(
-        [
-            "bootstrap",
-            "encoder",
-            "--corpus",
-            str(corpus),
-            "--out",
-            str(encoder),
-            "--epochs",
-            "1",
-            "--quiet",
-        ]
-    )
-    assert "audio encoder in" in capsys.readouterr().out
-    assert (encoder / "config.json").is_file() and (encoder / "model.safetensors").is_file()
-    main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "conf" / "stage1.yaml"),
-            "--model.encoder",
-            str(encoder),
-            "--model.bert",
-            str(tiny_bert),
-            "--model.num_queries",
-            "4",
-            "--model.qformer_layers",
-            "2",
-            "--data.root",
-            str(corpus),
-            "--data.num_workers",
-            "0",
-            "--data.batch_size",
-            "4",
-            "--data.max_seconds",
-            "1.0",
-            "--trainer.fast_dev_run",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.logger",
-            "false",
-            "--trainer.callbacks",
-            "[]",
-        ]
-    )
+    main(["bootstrap", "encoder", "--corpus", str(corpus), "--out", str(encoder), "--epochs", "1"])
+    knobs = [arg for k, v in tiny_knobs().items() for arg in (f"--{k}", str(v))]
+    main(["bootstrap", "llm", "--corpus", str(corpus), "--out", str(llm), "--quiet", *knobs])
+    out = capsys.readouterr().out
+    assert "audio encoder in" in out and "LLM in" in out and "val_perplexity" in out
+    assert (encoder / "model.safetensors").is_file() and (llm / "tokenizer.json").is_file()
+    shared = [
+        "--model.encoder", str(encoder), "--model.bert", str(tiny_bert),
+        "--model.num_queries", "4", "--model.qformer_layers", "2",
+        "--data.root", str(corpus), "--data.num_workers", "0", "--data.batch_size", "4",
+        "--data.max_seconds", "1.0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    stage1 = tmp_path / "stage1"
+    main(["fit", "--config", str(REPO / "conf" / "stage1.yaml"), *shared,
+          "--trainer.default_root_dir", str(stage1),
+          "--trainer.callbacks", _checkpoint_to(stage1)])  # fmt: skip
+    stage2 = tmp_path / "stage2"
+    main(["fit", "--config", str(REPO / "conf" / "stage2.yaml"), *shared,
+          "--model.llm", str(llm), "--model.init_from", str(stage1 / "last.ckpt"),
+          "--model.generation.max_new_tokens", "8", "--trainer.check_val_every_n_epoch", "1",
+          "--trainer.default_root_dir", str(stage2),
+          "--trainer.callbacks", _checkpoint_to(stage2)])  # fmt: skip
+    report = json.loads((stage2 / "val_captions.json").read_text())
+    assert set(report["metrics"]) >= {"bleu_4", "meteor", "rouge_l", "cider_d"}
+    capsys.readouterr()
+    clips = sorted((corpus / "audio").rglob("*.flac"))[:3]
+    main(["caption", *map(str, clips), "--ckpt", str(stage2 / "last.ckpt")])
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert [line.split("\t")[0] for line in lines] == [str(c) for c in clips]

@@ -53,7 +53,8 @@ def test_decoder_only_loss_covers_exactly_the_target_and_eos(tiny_llm_factory):
     target = llm.tokenizer("two knocks", add_special_tokens=False)["input_ids"]
     target = [*target, llm.tokenizer.eos_token_id]
     ids = torch.tensor([prompt_ids + target])
-    embeds = torch.cat([s, llm.model.get_input_embeddings()(ids)], dim=1)
+    tokens = llm.model.get_input_embeddings()(ids)
+    embeds = torch.cat([tokens[:, :1], s, tokens[:, 1:]], dim=1)  # BOS, soft prompt, the rest
     logits = llm.model(inputs_embeds=embeds).logits[0]
     start = s.shape[1] + len(prompt_ids)  # first target position
     manual = F.cross_entropy(logits[start - 1 : -1], torch.tensor(target))
@@ -94,12 +95,12 @@ def test_a_learned_soft_prompt_makes_the_llm_say_the_target(tiny_llm_factory, ki
     torch.manual_seed(0)
     prompt = torch.nn.Parameter(torch.randn(1, 8, llm.width))
     optimiser = torch.optim.Adam([prompt], lr=0.1)
-    for _ in range(200):
+    for _ in range(300):
         optimiser.zero_grad()
         loss = llm.loss(prompt, ["a"], ["a low hum"])
         loss.backward()
         optimiser.step()
-    assert loss.item() < 1.5
+    assert loss.item() < 1.0
     assert llm.generate(prompt.detach(), ["a"], Generation(max_new_tokens=12)) == ["a low hum"]
 
 

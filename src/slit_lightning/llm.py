@@ -4,9 +4,11 @@
 encoder-decoder (T5 / Flan-T5) with its tokenizer. The Q-Former's projected query outputs, the
 *soft prompt* ``(B, N, W)``, go in front of the text as input embeddings:
 
-- decoder-only: ``[soft prompt][prompt text][target text, EOS]``; the loss covers only the
-  target and its EOS (soft-prompt and prompt positions carry no label); generation left-pads
-  ``[soft prompt][prompt text]`` so every row ends where its answer starts.
+- decoder-only: ``[BOS][soft prompt][prompt text][target text, EOS]`` (BOS only where the
+  tokenizer adds one, as LLaMA's and OPT's do; a document starts with it in pretraining, so the soft
+  prompt sits inside the document rather than before it); the loss covers only the target and its
+  EOS (BOS, soft-prompt and prompt positions carry no label); generation left-pads
+  ``[BOS][soft prompt][prompt text]`` so every row ends where its answer starts.
 - encoder-decoder: ``[soft prompt][prompt text]`` is the encoder input and ``[target, EOS]`` the
   decoder's; generation decodes from the encoder input.
 
@@ -161,7 +163,10 @@ class FrozenLLM(nn.Module):
         """``[soft prompt][tokens]`` per row, padded (left or right) -> embeds, mask ``(B, L)``."""
         soft = soft.to(self.dtype)
         embedded = self._embed(rows, soft.device)
-        seqs = [torch.cat([s, e]) for s, e in zip(soft, embedded, strict=True)]
+        seqs = [
+            torch.cat([e[:head], s, e[head:]])
+            for s, e, head in zip(soft, embedded, self._bos_heads(rows), strict=True)
+        ]
         side = "left" if left else "right"
         embeds = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_side=side)
         lengths = torch.tensor([len(s) for s in seqs], device=soft.device)
@@ -171,6 +176,14 @@ class FrozenLLM(nn.Module):
         else:
             mask = positions < lengths[:, None]
         return embeds, mask.long()
+
+    def _bos_heads(self, rows: list[list[int]]) -> list[int]:
+        """1 where a decoder-only row starts with the BOS its tokenizer added, else 0: the soft
+        prompt goes after that BOS, inside the document as in pretraining, not before it."""
+        bos = self.tokenizer.bos_token_id
+        if self.is_encoder_decoder or bos is None:
+            return [0] * len(rows)
+        return [int(bool(row) and row[0] == bos) for row in rows]
 
     # ------------------------------------------------------------------ loss
 

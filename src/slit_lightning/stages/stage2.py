@@ -91,10 +91,6 @@ class Stage2(SLITStage):
         self.llm_proj = nn.Linear(self.qformer.config.hidden_size, self.llm.width)
         if init_from is not None:
             self.load_stage1(init_from)
-        else:
-            log.warning(
-                "model.init_from is not set: the Q-Former starts from %s, not stage 1", bert
-            )
         freeze_text_path(self.qformer)
         self._eval: dict[str, list[Any]] = {}
 
