@@ -40,7 +40,7 @@ $(DEMO_DIR)/corpus/corpus.json: $(STAMP)
 	$(SLIT) data synth --out $(DEMO_DIR)/corpus
 
 $(DEMO_DIR)/encoder/model.safetensors: $(DEMO_DIR)/corpus/corpus.json
-	$(SLIT) bootstrap encoder --corpus $(DEMO_DIR)/corpus --out $(DEMO_DIR)/encoder --epochs 5
+	$(SLIT) bootstrap encoder --corpus $(DEMO_DIR)/corpus --out $(DEMO_DIR)/encoder
 
 # metrics.json is written last, so its presence means a complete model
 $(DEMO_DIR)/llm/metrics.json: $(DEMO_DIR)/corpus/corpus.json
