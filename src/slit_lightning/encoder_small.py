@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,6 +28,8 @@ import torchaudio
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
+
+from slit_lightning.atomic import save_folder_atomic
 
 log = logging.getLogger(__name__)
 
@@ -311,22 +311,14 @@ def _read_metrics(out: Path) -> dict[str, Any]:
 
 
 def _save_atomic(model: SmallAudioModel, metrics: dict[str, Any], out: Path) -> None:
-    """Save into a hidden sibling folder, then rename it to ``out`` in one step."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
+    """Model, then ``bootstrap.json`` (the completion marker), written atomically."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
         text = json.dumps(metrics, indent=2) + "\n"
-        (tmp / "bootstrap.json").write_text(text, encoding="utf-8")
-        os.replace(tmp, out)  # also replaces an empty out_dir; fails on a non-empty one
-    except OSError:
-        if not is_complete(out):
-            raise
-        # another process (e.g. a second rank) finished first: keep its result
-        log.info("%s was written by another process meanwhile; keeping it", out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (folder / "bootstrap.json").write_text(text, encoding="utf-8")
+
+    save_folder_atomic(out, write, is_complete)
 
 
 def _train_tagger(

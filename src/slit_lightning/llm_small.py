@@ -27,9 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from slit_lightning.atomic import save_folder_atomic
 from slit_lightning.data import synth, synth_text
 
 log = logging.getLogger(__name__)
@@ -453,20 +452,12 @@ def _train(
 
 
 def _save_atomic(model: Any, tokenizer: Any, metrics: dict[str, Any], out: Path) -> None:
-    """Save into a hidden sibling folder (metrics last), then rename it to ``out`` in one step."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    """Model, tokenizer, then ``metrics.json`` (the completion marker), written atomically."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
         text = json.dumps(metrics, indent=2) + "\n"
-        (tmp / METRICS_FILE).write_text(text, encoding="utf-8")
-        os.replace(tmp, out)  # also replaces an empty out_dir; fails on a non-empty one
-    except OSError:
-        if not is_complete(out):
-            raise
-        # another process (e.g. a second rank) finished first: keep its result
-        log.info("%s was written by another process meanwhile; keeping it", out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (folder / METRICS_FILE).write_text(text, encoding="utf-8")
+
+    save_folder_atomic(out, write, is_complete)

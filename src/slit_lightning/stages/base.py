@@ -94,6 +94,18 @@ class SLITStage(LightningModule):
                 {"trainable_parameters": count, "frozen_parameters": frozen}
             )
 
+    # ------------------------------------------------------------------ evaluation
+
+    def on_validation_epoch_end(self) -> None:
+        self.report("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.report("test")
+
+    def report(self, split: str) -> None:
+        """Log the ``split`` metrics of what this epoch's evaluation steps collected."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:

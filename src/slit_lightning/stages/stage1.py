@@ -268,13 +268,7 @@ class Stage1(SLITStage):
                 f[m].half().cpu() for f, m in zip(feats, frames, strict=True)
             )
 
-    def on_validation_epoch_end(self) -> None:
-        self._report("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._report("test")
-
-    def _report(self, split: str) -> None:
+    def report(self, split: str) -> None:
         store = _gather_eval(self._eval)
         audio, text, text_clip = store["audio"], store["text"], store["text_clip"]
         if audio.shape[0] == 0:

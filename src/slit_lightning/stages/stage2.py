@@ -183,13 +183,7 @@ class Stage2(SLITStage):
         self._eval["prediction"].extend(self.caption(batch))
         self._eval["references"].extend(batch["captions"])
 
-    def on_validation_epoch_end(self) -> None:
-        self._report("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._report("test")
-
-    def _report(self, split: str) -> None:
+    def report(self, split: str) -> None:
         store = _gather(self._eval)
         if not store["prediction"] or self.trainer.sanity_checking:
             return
