@@ -63,8 +63,29 @@ def test_caption_command_prints_a_caption_per_file_and_reports_bad_ones(
 
     alone = [next(caption_files(model.eval(), [f]))[1] for f in files]
     assert [line.split("\t", 1)[1] for line in lines] == alone
+    # and the soft prompts, which differ per clip, are those of each clip alone
+    from slit_lightning.data.audio import load_audio, pad_batch
+
+    waves = [load_audio(f, model.encoder.sample_rate) for f in files]
+    audio, mask = pad_batch(waves)
+    with torch.no_grad():
+        batched = model.audio_soft_prompt({"audio": audio, "audio_mask": mask})
+        for i, wave in enumerate(waves):
+            one = model.audio_soft_prompt(
+                {"audio": wave[None], "audio_mask": torch.ones(1, len(wave), dtype=torch.bool)}
+            )
+            torch.testing.assert_close(batched[i : i + 1], one, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])
 
 
-def test_caption_command_mistakes_are_one_line(tmp_path):
+def test_caption_command_mistakes_are_one_line(tmp_path, stage2_ckpt):
+    clip = str(write_tone(tmp_path / "x.wav"))
     with pytest.raises(SystemExit, match="no checkpoint at"):
-        main(["caption", str(tmp_path / "x.wav"), "--ckpt", str(tmp_path / "none.ckpt")])
+        main(["caption", clip, "--ckpt", str(tmp_path / "none.ckpt")])
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        main(["caption", clip, "--ckpt", str(tmp_path / "junk.ckpt")])
+    stage1_like = {"state_dict": {}, "hyper_parameters": {"encoder": "e", "bert": "b"}}
+    torch.save(stage1_like, tmp_path / "s1.ckpt")
+    with pytest.raises(SystemExit, match="not a stage-2 checkpoint"):
+        main(["caption", clip, "--ckpt", str(tmp_path / "s1.ckpt")])

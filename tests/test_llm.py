@@ -123,5 +123,8 @@ def test_identity_is_the_weights_not_the_dtype(tiny_llm_factory):
     assert b.dtype == torch.bfloat16
     assert a.identity == b.identity
     assert a.identity != FrozenLLM.from_pretrained(str(tiny_llm_factory("llama"))).identity
+    torch.manual_seed(1)  # same architecture, other weights: another identity
+    other = type(a.model)(a.model.config)
+    assert FrozenLLM(other, a.tokenizer).identity != a.identity
     loss = b.loss(soft(b), ["", ""], ["a", "b"])  # a float32 soft prompt into a bf16 model
     assert torch.isfinite(loss)

@@ -18,7 +18,10 @@ from typing import Any
 
 from slit_lightning.data.skips import TooManySkipsError
 from slit_lightning.data.sources import DataConfigError
+from slit_lightning.encoders import EncoderConfigError
 from slit_lightning.llm import LLMConfigError
+from slit_lightning.metrics.captioning import JavaNotFoundError
+from slit_lightning.stages.base import CheckpointError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -179,7 +182,9 @@ def caption_parser() -> Any:
     parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (.ckpt)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_seconds", type=float | None, default=None, help="cut clips")
+    parser.add_argument(
+        "--max_seconds", type=float | None, default=None, help="cut clips (default: as trained)"
+    )
     parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
     parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
     for name, kind in (("num_beams", int), ("max_new_tokens", int), ("repetition_penalty", float)):
@@ -192,19 +197,18 @@ def caption_command(argv: list[str]) -> None:
     import dataclasses
 
     from slit_lightning.data.audio import AudioError
-    from slit_lightning.inference import caption_files, load_stage2
+    from slit_lightning.inference import caption_files, load_stage2, training_crop_seconds
 
     cfg = caption_parser().parse_args(argv)
-    try:
-        model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
-    except FileNotFoundError as err:
-        raise SystemExit(f"slit caption: {err}") from None
+    model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
+    # clips are cut as in training unless --max_seconds says otherwise
+    crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
     chosen = {k: cfg[k] for k in ("num_beams", "max_new_tokens", "repetition_penalty")}
     settings = dataclasses.replace(
         model.generation, **{k: v for k, v in chosen.items() if v is not None}
     )
     failed = 0
-    for path, result in caption_files(model, cfg.files, cfg.batch_size, cfg.max_seconds, settings):
+    for path, result in caption_files(model, cfg.files, cfg.batch_size, crop, settings):
         if isinstance(result, AudioError):
             failed += 1
             print(f"{path}\tskipped: {result}", file=sys.stderr)
@@ -231,7 +235,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             known = ", ".join((*LIGHTNING_COMMANDS, "data", "bootstrap", "caption"))
             raise SystemExit(f"slit: unknown command {argv[0]!r}; commands: {known}")
-    except (DataConfigError, TooManySkipsError, LLMConfigError) as err:
+    except (
+        DataConfigError,
+        TooManySkipsError,
+        LLMConfigError,
+        EncoderConfigError,
+        CheckpointError,
+        JavaNotFoundError,
+    ) as err:
         # A user's data problem: one line that names the files and the fix, no traceback.
         raise SystemExit(f"slit: {err}") from None
 

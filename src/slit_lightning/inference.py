@@ -5,13 +5,16 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from slit_lightning.data.audio import AudioError, crop, load_audio, pad_batch, seconds_to_samples
 from slit_lightning.llm import Generation
+from slit_lightning.stages.base import CheckpointError
 from slit_lightning.stages.stage2 import Stage2
 
 
@@ -25,13 +28,30 @@ def load_stage2(
 
     ``encoder`` / ``llm`` point at the frozen models when they have moved since training (the
     checkpoint stores them by reference and checks that they are the same weights)."""
-    if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"no checkpoint at {ckpt}")
+    hparams = read_checkpoint(ckpt).get("hyper_parameters", {})
+    if "llm" not in hparams:
+        raise CheckpointError(f"{ckpt} is not a stage-2 checkpoint (it names no LLM)")
     overrides = {k: v for k, v in {"encoder": encoder, "llm": llm}.items() if v is not None}
     model = Stage2.load_from_checkpoint(
         ckpt, map_location=device, weights_only=True, init_from=None, **overrides
     )
     return model.eval()
+
+
+def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents (``weights_only=True``); a clear error for a missing or bad file."""
+    if not Path(ckpt).is_file():
+        raise CheckpointError(f"no checkpoint at {ckpt}")
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{ckpt} is not a readable checkpoint: {err}") from err
+
+
+def training_crop_seconds(ckpt: str | Path) -> float | None:
+    """The ``data.max_seconds`` a checkpoint was trained with (None when it did not record it)."""
+    data = read_checkpoint(ckpt).get("datamodule_hyper_parameters", {})
+    return data.get("max_seconds")
 
 
 def caption_files(

@@ -159,13 +159,15 @@ class FrozenLLM(nn.Module):
         embedded = self.model.get_input_embeddings()(flat)
         return list(embedded.split([len(row) for row in rows]))
 
-    def _inputs(self, soft: Tensor, rows: list[list[int]], left: bool) -> tuple[Tensor, Tensor]:
+    def _inputs(
+        self, soft: Tensor, rows: list[list[int]], heads: list[int], left: bool
+    ) -> tuple[Tensor, Tensor]:
         """``[soft prompt][tokens]`` per row, padded (left or right) -> embeds, mask ``(B, L)``."""
         soft = soft.to(self.dtype)
         embedded = self._embed(rows, soft.device)
         seqs = [
             torch.cat([e[:head], s, e[head:]])
-            for s, e, head in zip(soft, embedded, self._bos_heads(rows), strict=True)
+            for s, e, head in zip(soft, embedded, heads, strict=True)
         ]
         side = "left" if left else "right"
         embeds = nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_side=side)
@@ -209,13 +211,14 @@ class FrozenLLM(nn.Module):
         _check_batch(soft_prompt, prompts, targets, self.width)
         eos = self.tokenizer.eos_token_id
         prompt_ids = self._ids(prompts, special=True)
+        heads = self._bos_heads(prompt_ids)  # from the prompt alone: a target never holds BOS
         target_ids = [[*row, eos] for row in self._ids(targets, False, max_target_len)]
         if self.is_encoder_decoder:
-            embeds, mask = self._inputs(soft_prompt, prompt_ids, left=False)
+            embeds, mask = self._inputs(soft_prompt, prompt_ids, heads, left=False)
             labels = _pad(target_ids, IGNORE_INDEX, soft_prompt.device)
             return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         rows = [p + t for p, t in zip(prompt_ids, target_ids, strict=True)]
-        embeds, mask = self._inputs(soft_prompt, rows, left=False)
+        embeds, mask = self._inputs(soft_prompt, rows, heads, left=False)
         n = soft_prompt.shape[1]
         unlabelled = [[IGNORE_INDEX] * (n + len(p)) for p in prompt_ids]
         labels = _pad(
@@ -253,7 +256,9 @@ class FrozenLLM(nn.Module):
         _check_batch(soft_prompt, prompts, None, self.width)
         settings = settings or Generation()
         rows = self._ids(prompts, special=True)
-        embeds, mask = self._inputs(soft_prompt, rows, left=not self.is_encoder_decoder)
+        embeds, mask = self._inputs(
+            soft_prompt, rows, self._bos_heads(rows), left=not self.is_encoder_decoder
+        )
         with warnings.catch_warnings():
             # the prompt is embeddings, so a repetition penalty sees only new tokens: intended
             warnings.filterwarnings("ignore", "Passing `repetition_penalty` with `inputs_embeds`")

@@ -6,6 +6,7 @@ import torch
 
 from slit_lightning.data.datamodule import AudioTextDataModule
 from slit_lightning.llm import Generation
+from slit_lightning.metrics.captioning import spice_missing_reason
 from slit_lightning.stages import Stage1, Stage2
 
 QFORMER = {"num_queries": 4, "cross_attention_freq": 2}
@@ -81,8 +82,8 @@ def test_training_step_reaches_the_query_path_only(
     assert stage2.qformer.query_tokens.grad.abs().sum() > 0
     assert stage2.llm_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in stage2.llm.parameters())
-    assert all(p.grad is None for p in stage2.encoder.parameters())
-    assert stage2.qformer.embeddings.word.weight.grad is None
+    assert not any(p.requires_grad for p in stage2.encoder.parameters())
+    assert not stage2.qformer.embeddings.word.weight.requires_grad
     captions = stage2.caption(batch)
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
 
@@ -105,9 +106,10 @@ def test_fit_scores_captions_and_checkpoints_by_reference(stage2, clip_dir, tmp_
     metrics = trainer.callback_metrics
     for key in ("val/bleu_1", "val/bleu_4", "val/meteor", "val/rouge_l", "val/cider_d"):
         assert 0.0 <= float(metrics[key]) <= 10.0
-    assert "val/spice" not in metrics  # unavailable here: never a made-up number
     report = json.loads((tmp_path / "val_captions.json").read_text())
-    assert len(report["captions"]) == 12 and "spice" in report["unavailable"]
+    assert len(report["captions"]) == 12
+    if spice_missing_reason():  # SPICE cannot run here: reported, never a made-up number
+        assert "val/spice" not in metrics and "spice" in report["unavailable"]
     assert report["captions"][0]["references"] == ["a tone number 0", "tone 0 plays"]
     ckpt = tmp_path / "s2.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -153,3 +155,9 @@ def test_refuses_a_checkpoint_of_another_llm(stage2, tiny_encoder, tiny_bert, ti
     other = make_stage2(tiny_encoder, tiny_bert, tiny_llm_factory("llama"))
     with pytest.raises(ValueError, match="trained on llm"):
         other.on_load_checkpoint(checkpoint)
+
+
+def test_reads_the_encoder_reference_of_older_checkpoints(stage2):
+    checkpoint = {"state_dict": {}, "slit_encoder_reference": "another-encoder"}
+    with pytest.raises(ValueError, match="trained on encoder 'another-encoder'"):
+        stage2.on_load_checkpoint(checkpoint)

@@ -123,7 +123,7 @@ def caption_metrics(
     """
     wanted = _check_metrics(metrics)
     _check_inputs(predictions, references)
-    _require_java()
+    require_java()
     gts, res = _tokenize(predictions, references)
     out = CaptionScores()
     if any(name.startswith("bleu_") for name in wanted):
@@ -195,9 +195,14 @@ def _check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]
                 raise ValueError(f"references[{i}][{j}] is an empty caption; remove it or fix it")
 
 
-def _require_java() -> None:
+class JavaNotFoundError(RuntimeError):
+    """No ``java`` on PATH: the COCO caption metrics cannot run."""
+
+
+def require_java() -> None:
+    """Raise :class:`JavaNotFoundError` (naming the fix) when ``java`` is not on PATH."""
     if shutil.which("java") is None:
-        raise RuntimeError(
+        raise JavaNotFoundError(
             "`java` was not found on PATH: the COCO caption metrics (PTB tokenizer, METEOR, SPICE) "
             "are Java programs. Install a Java runtime (e.g. `apt-get install default-jre-headless`"
             "; SPICE needs Java 8 or 11) and make sure `java` is on PATH."

@@ -17,6 +17,20 @@ from slit_lightning.encoders import AudioEncoder, HFAudioEncoder
 log = logging.getLogger(__name__)
 
 FROZEN_REFERENCES = "slit_frozen_references"
+LEGACY_ENCODER_REFERENCE = "slit_encoder_reference"  # checkpoints written before the LLM joined
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model being built; the message names the mismatch."""
+
+
+def frozen_references(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """The identities of the frozen parts a checkpoint was trained with (empty if none recorded)."""
+    if FROZEN_REFERENCES in checkpoint:
+        return dict(checkpoint[FROZEN_REFERENCES])
+    if LEGACY_ENCODER_REFERENCE in checkpoint:
+        return {"encoder": checkpoint[LEGACY_ENCODER_REFERENCE]}
+    return {}
 
 
 class SLITStage(LightningModule):
@@ -158,11 +172,11 @@ class SLITStage(LightningModule):
                     del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(FROZEN_REFERENCES, {})
+        saved = frozen_references(checkpoint)
         state = checkpoint["state_dict"]
         for name, (identity, _) in self.frozen_parts().items():
             if name in saved and saved[name] != identity:
-                raise ValueError(
+                raise CheckpointError(
                     f"this checkpoint was trained on {name} {saved[name]!r} but the model was built"
                     f" with {identity!r}; set model.{name} to the checkpoint's {name}"
                 )

@@ -20,9 +20,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from slit_lightning.llm import FrozenLLM, Generation
-from slit_lightning.metrics.captioning import caption_metrics
+from slit_lightning.metrics.captioning import CaptionScores, caption_metrics, require_java
 from slit_lightning.qformer import AudioKV, QFormer
-from slit_lightning.stages.base import FROZEN_REFERENCES, SLITStage
+from slit_lightning.stages.base import CheckpointError, SLITStage, frozen_references
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,10 @@ class Stage2(SLITStage):
         freeze_text_path(self.qformer)
         self._eval: dict[str, list[Any]] = {}
 
+    def setup(self, stage: str) -> None:
+        # fail before training, not at the first validation epoch's end
+        require_java()
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.hparams.init_from is None and self.trainer.ckpt_path is None:
@@ -113,9 +117,9 @@ class Stage2(SLITStage):
                 " `slit fit --config conf/stage1.yaml` (it writes .../checkpoints/last.ckpt)"
             )
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        encoder = checkpoint.get(FROZEN_REFERENCES, {}).get("encoder")
+        encoder = frozen_references(checkpoint).get("encoder")
         if encoder is not None and encoder != self.encoder.identity:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} was trained on encoder {encoder!r}, but model.encoder is"
                 f" {self.encoder.identity!r}: the Q-Former only understands its own encoder's"
                 " features; set model.encoder to the stage-1 encoder"
@@ -187,31 +191,38 @@ class Stage2(SLITStage):
         store = _gather(self._eval)
         if not store["prediction"] or self.trainer.sanity_checking:
             return
-        scores = caption_metrics(store["prediction"], store["references"])
+        # every rank must take part in log_dir (a broadcast) and in the scores' broadcast
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        scores = _scored_on_rank_zero(store, self.trainer.is_global_zero)
         for name, reason in scores.unavailable.items():
             log.info("%s/%s unavailable: %s", split, name, reason)
-        self.log_dict(
-            {f"{split}/{k}": float(v) for k, v in scores.values.items()},
-            rank_zero_only=True,
-            sync_dist=False,
-        )
+        self.log_dict({f"{split}/{k}": float(v) for k, v in scores.values.items()}, sync_dist=False)
         if self.trainer.is_global_zero:
-            self._write_captions(split, store, scores)
+            _write_captions(folder / f"{split}_captions.json", store, scores)
 
-    def _write_captions(self, split: str, store: dict[str, list[Any]], scores: Any) -> None:
-        """``{log_dir}/{split}_captions.json``: every clip's caption and references, the scores."""
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = [
-            {"clip_id": c, "prediction": p, "references": r}
-            for c, p, r in zip(
-                store["clip_id"], store["prediction"], store["references"], strict=True
-            )
-        ]
-        report = {"metrics": scores.values, "unavailable": scores.unavailable, "captions": rows}
-        path = folder / f"{split}_captions.json"
-        path.write_text(json.dumps(report, indent=1), encoding="utf-8")
-        log.info("%s captions written to %s", split, path)
+
+def _scored_on_rank_zero(store: dict[str, list[Any]], is_zero: bool) -> CaptionScores:
+    """Caption metrics computed once (the Java scorers are heavy and share files), on rank 0, and
+    sent to every rank so all of them log the same keys."""
+    scores = caption_metrics(store["prediction"], store["references"]) if is_zero else None
+    if dist.is_available() and dist.is_initialized():
+        box = [scores]
+        dist.broadcast_object_list(box, src=0)
+        scores = box[0]
+    assert scores is not None
+    return scores
+
+
+def _write_captions(path: Path, store: dict[str, list[Any]], scores: CaptionScores) -> None:
+    """Every clip's caption and references, and the scores, as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"clip_id": c, "prediction": p, "references": r}
+        for c, p, r in zip(store["clip_id"], store["prediction"], store["references"], strict=True)
+    ]
+    report = {"metrics": scores.values, "unavailable": scores.unavailable, "captions": rows}
+    path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    log.info("captions written to %s", path)
 
 
 def freeze_text_path(qformer: QFormer) -> None:
