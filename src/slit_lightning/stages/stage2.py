@@ -95,8 +95,10 @@ class Stage2(SLITStage):
         self._eval: dict[str, list[Any]] = {}
 
     def setup(self, stage: str) -> None:
-        # fail before training, not at the first validation epoch's end
-        require_java()
+        # scoring captions needs java: fail before training, not at the first validation's end
+        # (`predict` only generates, so it does not need it)
+        if stage in ("fit", "validate", "test"):
+            require_java()
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
