@@ -27,6 +27,7 @@ DEMO_CLIPS = $(DEMO_DIR)/corpus/audio/test/test-000000.flac $(DEMO_DIR)/corpus/a
 
 demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors $(DEMO_DIR)/llm/metrics.json ## run the main job on the built-in corpus (offline, CPU)
 	$(SLIT) data check --config conf/data.yaml --data.root $(DEMO_DIR)/corpus --splits [train] --max_batches 10 --log_dir $(DEMO_DIR)/logs/data
+	$(SLIT) cache-features --config conf/stage1.yaml
 	$(SLIT) fit --config conf/stage1.yaml
 	$(SLIT) test --config conf/stage1.yaml --ckpt_path $(DEMO_DIR)/stage1/checkpoints/last.ckpt
 	$(SLIT) fit --config conf/stage2.yaml

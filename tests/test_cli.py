@@ -1,4 +1,5 @@
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -138,9 +139,10 @@ def _checkpoint_to(folder) -> str:
     )
 
 
-def test_built_in_chain_synth_bootstrap_stage1_stage2_caption(tmp_path, tiny_bert, capsys):
-    """The demo's chain at toy size through the CLI: corpus, both bootstraps, stage 1, stage 2
-    from the stage-1 checkpoint, then `slit caption` on corpus files."""
+def test_built_in_chain_synth_bootstrap_stage1_stage2_caption(tmp_path, tiny_bert, capsys, caplog):
+    """The demo's chain at toy size through the CLI: corpus, both bootstraps, the feature cache,
+    stage 1 and stage 2 (from the stage-1 checkpoint) reading it, then `slit caption` on corpus
+    files."""
     from slit_lightning.llm_small import tiny_knobs
 
     corpus, encoder, llm = tmp_path / "corpus", tmp_path / "encoder", tmp_path / "llm"
@@ -159,8 +161,14 @@ def test_built_in_chain_synth_bootstrap_stage1_stage2_caption(tmp_path, tiny_ber
         "--data.root", str(corpus), "--data.num_workers", "0", "--data.batch_size", "4",
         "--data.max_seconds", "1.0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_progress_bar", "false", "--data.feature_cache", str(tmp_path / "features"),
     ]  # fmt: skip
+    main(["cache-features", "--config", str(REPO / "conf" / "stage1.yaml"), *shared])
+    caplog.set_level(logging.INFO, logger="slit_lightning.data.datamodule")
+    out = capsys.readouterr().out
+    rows = (corpus / "train.jsonl").read_text().splitlines()
+    assert f"train: {len(rows)} clips" in out
+    assert len(list((tmp_path / "features").glob("*/train.*.f16"))) == 1
     stage1 = tmp_path / "stage1"
     main(["fit", "--config", str(REPO / "conf" / "stage1.yaml"), *shared,
           "--trainer.default_root_dir", str(stage1),
@@ -171,6 +179,8 @@ def test_built_in_chain_synth_bootstrap_stage1_stage2_caption(tmp_path, tiny_ber
           "--model.generation.max_new_tokens", "8", "--trainer.check_val_every_n_epoch", "1",
           "--trainer.default_root_dir", str(stage2),
           "--trainer.callbacks", _checkpoint_to(stage2)])  # fmt: skip
+    reads = [r for r in caplog.records if "reading cached encoder features" in r.getMessage()]
+    assert len(reads) == 2  # stage 1 and stage 2
     report = json.loads((stage2 / "val_captions.json").read_text())
     assert set(report["metrics"]) >= {"bleu_4", "meteor", "rouge_l", "cider_d"}
     capsys.readouterr()

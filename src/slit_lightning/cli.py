@@ -7,6 +7,8 @@ YAML can interpolate and several ``--config`` files compose). The other sub-comm
 - ``slit data check``  runs the data pipeline over the configured splits and reports clips/s, skips;
 - ``slit data shards`` packs a manifest into WebDataset tar shards for fast streaming;
 - ``slit bootstrap encoder|llm`` trains the built-in default's frozen audio encoder / LLM once;
+- ``slit cache-features --config STAGE.yaml`` runs the frozen encoder once over the data and stores
+  its features in ``data.feature_cache``, where the stages then read them;
 - ``slit caption FILE... --ckpt PATH`` prints a caption for each audio file.
 """
 
@@ -171,6 +173,65 @@ def bootstrap_command(argv: list[str]) -> None:
     print(f"{what} in {sub.out}: {summary}")
 
 
+def cache_parser() -> Any:
+    """Parser of ``slit cache-features``."""
+    import argparse
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+    from lightning.pytorch import LightningModule
+
+    import slit_lightning.stages  # noqa: F401  (the stage classes a config names)
+    from slit_lightning.data.datamodule import AudioTextDataModule
+
+    register_resolvers()
+    parser = ArgumentParser(
+        prog="slit cache-features",
+        description="Run the frozen audio encoder once over the data and store its features in"
+        " data.feature_cache, where every stage with the same encoder then reads them.",
+        parser_mode="omegaconf",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a stage's YAML (model + data)")
+    parser.add_class_arguments(AudioTextDataModule, "data")
+    parser.add_argument("--encoder", type=str | None, default=None, help="default: model.encoder")
+    parser.add_argument("--encoder_layer", type=int | None, default=None,
+                        help="default: model.encoder_layer, else -1")  # fmt: skip
+    parser.add_argument("--splits", type=list[str], default=["train", "val", "test", "zeroshot"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    # the stage's own arguments, as `slit fit` reads them (only the encoder settings are used)
+    parser.add_subclass_arguments(LightningModule, "model", required=False)
+    for other in ("trainer", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything"):
+        parser.add_argument(f"--{other}", type=Any, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def cache_command(argv: list[str]) -> None:
+    """Run ``slit cache-features ...``."""
+    from slit_lightning import progress
+    from slit_lightning.data.datamodule import AudioTextDataModule
+    from slit_lightning.data.features import cache_folder, write_feature_cache
+    from slit_lightning.encoders import HFAudioEncoder
+
+    cfg = cache_parser().parse_args(argv)
+    model = cfg.model.init_args.as_dict() if cfg.model else {}
+    encoder_name = cfg.encoder or model.get("encoder")
+    layer = cfg.encoder_layer if cfg.encoder_layer is not None else model.get("encoder_layer", -1)
+    if not encoder_name:
+        raise DataConfigError("slit cache-features: give --encoder or a config with model.encoder")
+    if not cfg.data.feature_cache:
+        raise DataConfigError("slit cache-features: set data.feature_cache (the folder to write)")
+    dm = AudioTextDataModule(**cfg.data)
+    dm.setup()
+    splits = [s for s in cfg.splits if dm.sources.get(s)]
+    encoder = HFAudioEncoder.from_pretrained(encoder_name, layer=layer).to(cfg.device)
+    with progress.bar("caching features") as tick:
+        counts = write_feature_cache(encoder, dm, splits, cfg.data.feature_cache, progress=tick)
+    for split, c in counts.items():
+        print(f"{split:>8}: {c['clips']} clips, {c['frames']} frames, {c['skipped']} skipped")
+    print(
+        f"features of {encoder.identity} in {cache_folder(cfg.data.feature_cache, encoder.identity)}"
+    )
+
+
 def caption_parser() -> Any:
     """Parser of ``slit caption``."""
     from jsonargparse import ArgumentParser
@@ -232,8 +293,12 @@ def main(argv: list[str] | None = None) -> None:
             bootstrap_command(argv[1:])
         elif argv[0] == "caption":
             caption_command(argv[1:])
+        elif argv[0] == "cache-features":
+            cache_command(argv[1:])
         else:
-            known = ", ".join((*LIGHTNING_COMMANDS, "data", "bootstrap", "caption"))
+            known = ", ".join(
+                (*LIGHTNING_COMMANDS, "data", "bootstrap", "cache-features", "caption")
+            )
             raise SystemExit(f"slit: unknown command {argv[0]!r}; commands: {known}")
     except (
         DataConfigError,

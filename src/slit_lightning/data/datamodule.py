@@ -13,8 +13,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from slit_lightning.data.audio import seconds_to_samples
+from slit_lightning.data.features import FeatureSplit, open_feature_cache
 from slit_lightning.data.skips import SkipLedger, TooManySkipsError
-from slit_lightning.data.sources import DataConfigError, Source, SourceSpec, open_source
+from slit_lightning.data.sources import DataConfigError, Skip, Source, SourceSpec, open_source
 from slit_lightning.data.stream import AudioTextStream, CaptionMode
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,14 @@ class StreamLoader(DataLoader):
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.split, self.ledger, self.epoch, self.lockstep = split, ledger, epoch, lockstep
         self.dropped_in_lockstep = 0
+        #: this epoch's skipped records so far (what the feature cache writer records)
+        self.skips: list[Skip] = []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
         self.dataset.set_epoch(self.epoch())
         self.ledger.reset()
         self.dropped_in_lockstep = 0
+        self.skips = []
         batches = self._counted(super().__iter__())
         while True:
             batch, state, error = _next(batches)
@@ -79,6 +83,7 @@ class StreamLoader(DataLoader):
     def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for batch in batches:
             skipped = batch.pop("skipped")
+            self.skips.extend(skipped)
             self.ledger.add(len(batch["clip_id"]), skipped)
             self.ledger.check(self.split)
             if batch["clip_id"]:
@@ -159,6 +164,9 @@ class AudioTextDataModule(LightningDataModule):
             records in an epoch is unusable (missing, corrupt, silent, empty caption...).
         silence_peak: clips whose peak amplitude stays below this count as silent and are skipped.
         seed: seed for the epoch order, shuffle buffer, crops and caption picks.
+        feature_cache: folder written by ``slit cache-features``. A stage looks there for its
+            encoder's features (:meth:`use_feature_cache`) and, for the splits it finds, reads
+            them instead of decoding audio and running the encoder.
     """
 
     def __init__(
@@ -178,6 +186,7 @@ class AudioTextDataModule(LightningDataModule):
         max_skip_fraction: float = 0.05,
         silence_peak: float = 1e-4,
         seed: int = 0,
+        feature_cache: str | None = None,
     ) -> None:
         super().__init__()
         if sample_rate <= 0:
@@ -191,6 +200,7 @@ class AudioTextDataModule(LightningDataModule):
         self.sources: dict[str, list[Source]] = {}
         self.ledgers = {split: SkipLedger(max_skip_fraction) for split in SPLITS}
         self._epochs = dict.fromkeys(SPLITS, 0)
+        self.features: dict[str, FeatureSplit] = {}
 
     def _specs(self, split: str, value: SourceList) -> list[SourceSpec]:
         if value is None:
@@ -205,8 +215,33 @@ class AudioTextDataModule(LightningDataModule):
             if split not in self.sources and self.specs[split]:
                 self.sources[split] = [open_source(spec) for spec in self.specs[split]]
 
-    def stream(self, split: Split) -> AudioTextStream:
-        """The dataset of one split, set up for this process's rank."""
+    def use_feature_cache(self, identity: str) -> list[str]:
+        """Read the features of the encoder named ``identity`` from ``feature_cache`` wherever
+        they were cached; returns the splits that will. Features of any other encoder, layer or
+        rate are never used (they live under another key)."""
+        root = self.hparams.feature_cache
+        if not root:
+            return []
+        self.features = open_feature_cache(root, identity)
+        wanted = [s for s in SPLITS if self.specs[s]]
+        found = [s for s in wanted if s in self.features]
+        missing = [s for s in wanted if s not in self.features]
+        if found:
+            log.info("reading cached encoder features from %s for: %s", root, ", ".join(found))
+        if missing:
+            log.warning(
+                "no cached features of this encoder in %s for %s: encoding audio on the fly"
+                " (slit cache-features writes them)",
+                root,
+                ", ".join(missing),
+            )
+        return found
+
+    def stream(self, split: Split, audio_samples: int | None = None) -> AudioTextStream:
+        """The dataset of one split, set up for this process's rank.
+
+        ``audio_samples`` reads the audio itself, cropped to that many samples, even where
+        features are cached (what the cache writer needs)."""
         self.setup()
         if not self.sources.get(split):
             raise DataConfigError(
@@ -218,21 +253,22 @@ class AudioTextDataModule(LightningDataModule):
         dataset = AudioTextStream(
             self.sources[split],
             sample_rate=hp.sample_rate,
-            max_samples=self.max_samples,
+            max_samples=audio_samples or self.max_samples,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
             train=train,
             seed=hp.seed,
             shuffle_buffer=hp.shuffle_buffer,
             caption_mode=hp.caption_mode if train else "first",
             silence_peak=hp.silence_peak,
+            features=None if audio_samples else self.features.get(split),
         )
         dataset.set_distributed(*self._rank_and_world())
         dataset.loader_workers = self.hparams.num_workers
         return dataset
 
-    def loader(self, split: Split) -> StreamLoader:
+    def loader(self, split: Split, audio_samples: int | None = None) -> StreamLoader:
         """A DataLoader for ``split`` (what the ``*_dataloader`` hooks return)."""
-        dataset = self.stream(split)
+        dataset = self.stream(split, audio_samples)
         return StreamLoader(
             dataset,
             split,

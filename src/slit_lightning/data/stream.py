@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from slit_lightning.data.audio import AudioError, crop, load_audio, pad_batch
+from slit_lightning.data.features import FeatureSplit, crop_frames, fingerprint, pad_frames
 from slit_lightning.data.sources import Clip, Skip, Source
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class AudioTextStream(IterableDataset):
         shuffle_buffer: records held for shuffling streams (1 disables it).
         caption_mode: which caption is ``batch["caption"]``: ``random`` (train) or ``first``.
         silence_peak: clips whose peak amplitude stays below this are skipped as silent.
+        features: this split's cached encoder features (see :mod:`slit_lightning.data.features`);
+            batches then carry ``features``/``feature_mask`` instead of ``audio``/``audio_mask``.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class AudioTextStream(IterableDataset):
         shuffle_buffer: int = 1000,
         caption_mode: CaptionMode = "random",
         silence_peak: float = 1e-4,
+        features: FeatureSplit | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -69,6 +73,7 @@ class AudioTextStream(IterableDataset):
             caption_mode,
             silence_peak,
         )
+        self.features = features
         self.epoch, self.rank, self.world_size = 0, 0, 1
         #: loader workers per rank; only used to estimate the length
         self.loader_workers = 0
@@ -171,26 +176,41 @@ class AudioTextStream(IterableDataset):
                 continue
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield collate(batch, skipped)
+                yield collate(batch, skipped, self.feature_identity)
                 batch, skipped = [], []
         if batch or skipped:
-            yield collate(batch, skipped)
+            yield collate(batch, skipped, self.feature_identity)
+
+    @property
+    def feature_identity(self) -> str | None:
+        return self.features.identity if self.features is not None else None
 
     def prepare(
         self, record: Clip | Skip, rng: random.Random, crop_gen: torch.Generator | None
     ) -> dict[str, Any] | Skip:
-        """Decode and crop one clip; a :class:`Skip` if it cannot be used."""
+        """Decode and crop one clip (or read its cached features); a :class:`Skip` if it cannot
+        be used."""
         if isinstance(record, Skip):
             return record
-        try:
-            wave = load_audio(record.audio, self.sample_rate, record.name, self.silence_peak)
-        except AudioError as err:
-            return Skip(err.name, err.reason, err.detail)
-        wave = crop(wave, self.max_samples, crop_gen)
+        signals: dict[str, Any]
+        if self.features is not None:
+            frames = self.features.lookup(record)
+            if isinstance(frames, Skip):
+                return frames
+            seconds = self.features.seconds(record.clip_id)
+            limit = self.max_samples / self.sample_rate
+            signals = {"features": crop_frames(frames, seconds, limit, crop_gen)}
+        else:
+            try:
+                wave = load_audio(record.audio, self.sample_rate, record.name, self.silence_peak)
+            except AudioError as err:
+                return Skip(err.name, err.reason, err.detail)
+            signals = {"audio": crop(wave, self.max_samples, crop_gen)}
         use_random = self.train and self.caption_mode == "random"
         caption = rng.choice(record.captions) if use_random else record.captions[0]
         return {
-            "audio": wave,
+            **signals,
+            "fingerprint": fingerprint(record.audio),
             "clip_id": record.clip_id,
             "clip_key": record.key,
             "caption": caption,
@@ -215,21 +235,31 @@ def shuffled(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[An
     yield from buffer
 
 
-def collate(samples: list[dict[str, Any]], skipped: list[Skip]) -> dict[str, Any]:
+def collate(
+    samples: list[dict[str, Any]], skipped: list[Skip], feature_identity: str | None = None
+) -> dict[str, Any]:
     """Stack samples into a batch.
 
     Returns a dict with ``audio (B, S)`` float, ``audio_mask (B, S)`` bool (True = real samples),
     ``clip_key (B,)`` int64 (same value for captions of the same clip), and per-sample lists
-    ``clip_id``, ``caption``, ``captions``, ``labels``, ``qa``, ``name``; plus ``skipped``, the
-    records dropped since the previous batch. ``B`` may be 0 when only skips are left.
+    ``clip_id``, ``caption``, ``captions``, ``labels``, ``qa``, ``name``, ``fingerprint``; plus
+    ``skipped``, the records dropped since the previous batch. ``B`` may be 0 when only skips are
+    left. Samples read from a feature cache give ``features (B, T, D)`` float16 and
+    ``feature_mask (B, T)`` instead of the audio, and ``feature_identity``, the encoder's identity.
     """
-    if samples:
-        audio, mask = pad_batch([s["audio"] for s in samples])
+    batch: dict[str, Any] = {}
+    if feature_identity is not None:
+        batch["feature_identity"] = feature_identity
+        if samples:
+            batch["features"], batch["feature_mask"] = pad_frames([s["features"] for s in samples])
+        else:
+            batch["features"], batch["feature_mask"] = torch.zeros(0, 0, 0), torch.zeros(0, 0)
+    elif samples:
+        batch["audio"], batch["audio_mask"] = pad_batch([s["audio"] for s in samples])
     else:
-        audio, mask = torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.bool)
-    batch: dict[str, Any] = {"audio": audio, "audio_mask": mask}
+        batch["audio"], batch["audio_mask"] = torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.bool)
     batch["clip_key"] = torch.tensor([s["clip_key"] for s in samples], dtype=torch.long)
-    for key in ("clip_id", "caption", "captions", "labels", "qa", "name"):
+    for key in ("clip_id", "caption", "captions", "labels", "qa", "name", "fingerprint"):
         batch[key] = [s[key] for s in samples]
     batch["skipped"] = skipped
     return batch

@@ -70,8 +70,22 @@ class SLITStage(LightningModule):
 
     # ------------------------------------------------------------------ pieces for the stages
 
+    def setup(self, stage: str) -> None:
+        # Features cached for this very encoder replace decoding and encoding (see data.features)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and hasattr(datamodule, "use_feature_cache"):
+            datamodule.use_feature_cache(self.encoder.identity)
+
     def encode_audio(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """Waveforms ``(B, S)`` -> frozen features ``(B, T, D)`` and frame mask ``(B, T)``."""
+        """Frozen features ``(B, T, D)`` and frame mask ``(B, T)`` of a batch: its waveforms
+        ``(B, S)`` through the encoder, or the features cached for this encoder."""
+        if "features" in batch:
+            if batch["feature_identity"] != self.encoder.identity:
+                raise ValueError(
+                    f"batch features come from encoder {batch['feature_identity']!r}, but this"
+                    f" model's encoder is {self.encoder.identity!r}"
+                )
+            return batch["features"].float(), batch["feature_mask"]
         with torch.no_grad():
             return self.encoder(batch["audio"], batch["audio_mask"])
 

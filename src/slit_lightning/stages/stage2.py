@@ -95,6 +95,7 @@ class Stage2(SLITStage):
         self._eval: dict[str, list[Any]] = {}
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # scoring captions needs java: fail before training, not at the first validation's end
         # (`predict` only generates, so it does not need it)
         if stage in ("fit", "validate", "test"):

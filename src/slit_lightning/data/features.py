@@ -1,0 +1,247 @@
+"""Frozen-feature cache: each clip's encoder output computed once and read back instead of audio.
+
+The audio encoder never trains, so its output for a clip never changes. ``slit cache-features``
+(:func:`write_feature_cache`) runs it once over the configured splits and stores every clip's
+frames; a stage whose data module names the cache folder (``data.feature_cache``) then reads them
+and skips decoding, resampling and the encoder altogether.
+
+Layout, under ``{feature_cache}/{key}/`` where ``key`` is a digest of the encoder's identity (its
+weights, feature settings, layer and sample rate, see :attr:`AudioEncoder.identity`)::
+
+    cache.json          identity, format, width, the splits written
+    {split}.json        clip_id -> [offset, frames, seconds, fingerprint]; skipped clips + reason
+    {split}.{id}.f16    every kept frame of the split, float16, shape (frames, width), raw
+
+A cache built with any other encoder, layer or rate lives under another key and is never read.
+Each clip's entry records a fingerprint of its audio (size and modification time of the file, or a
+digest of the bytes for clips read from shards); a clip whose audio changed after caching is
+skipped as ``stale_feature_cache`` (counted and logged like any bad input), never silently given
+old features.
+
+Crops: the cache holds whole clips (up to the encoder's own window, e.g. 30 s for Whisper); the
+training crop is taken on the frames, a random window of ``max_seconds`` worth of them, so random
+crops still vary each epoch. For clips no longer than ``max_seconds`` (the built-in corpus) this is
+exactly what encoding the audio gives; for longer clips the frames of a window also saw the audio
+around it (the encoder's context), which differs slightly from encoding the window alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from slit_lightning.data.sources import Clip, Skip
+
+if TYPE_CHECKING:
+    from slit_lightning.data.datamodule import AudioTextDataModule, Split
+    from slit_lightning.encoders import AudioEncoder
+
+log = logging.getLogger(__name__)
+
+FORMAT = "slit-features-1"
+STALE = "stale_feature_cache"
+NOT_CACHED = "not_in_feature_cache"
+
+
+def cache_folder(root: str | Path, identity: str) -> Path:
+    """Where the features of the encoder named ``identity`` live under ``root``."""
+    digest = hashlib.blake2b(f"{FORMAT}|{identity}".encode(), digest_size=8).hexdigest()
+    return Path(root) / digest
+
+
+def fingerprint(audio: str | bytes) -> str:
+    """What must not change for a cached clip to stay valid: the file's size and modification
+    time, or a digest of the bytes when the clip came from a shard."""
+    if isinstance(audio, bytes):
+        return "blake2b:" + hashlib.blake2b(audio, digest_size=12).hexdigest()
+    try:
+        stat = os.stat(audio)
+    except OSError:
+        return "unreadable"
+    return f"file:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one clip's frames are in its split's array."""
+
+    offset: int
+    frames: int
+    seconds: float
+    fingerprint: str
+
+
+class FeatureSplit:
+    """One split's cached features. The array is memory-mapped on first use in each process, so
+    the object is cheap to hand to loader workers."""
+
+    def __init__(self, folder: Path, split: str, identity: str) -> None:
+        self.folder, self.split, self.identity = folder, split, identity
+        index = json.loads((folder / f"{split}.json").read_text(encoding="utf-8"))
+        self.data: str = index["data"]
+        self.width: int = index["width"]
+        self.total: int = index["frames"]
+        self.entries = {k: Entry(*v) for k, v in index["clips"].items()}
+        self.skipped: dict[str, list[str]] = index["skipped"]
+        self._array: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            path = self.folder / self.data
+            self._array = np.memmap(path, np.float16, "r", shape=(self.total, self.width))
+        return self._array
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}  # workers map the file themselves
+
+    def lookup(self, clip: Clip) -> np.ndarray | Skip:
+        """The clip's frames ``(T, D)`` float16, or why there are none."""
+        entry = self.entries.get(clip.clip_id)
+        if entry is None:
+            if clip.name in self.skipped:
+                reason, detail = self.skipped[clip.name]
+                return Skip(clip.name, reason, f"{detail} (when the features were cached)")
+            return Skip(
+                clip.name, NOT_CACHED, f"not in the {self.split} cache; rerun slit cache-features"
+            )
+        if fingerprint(clip.audio) != entry.fingerprint:
+            return Skip(clip.name, STALE, "audio changed after caching; rerun slit cache-features")
+        return self.array[entry.offset : entry.offset + entry.frames]
+
+    def seconds(self, clip_id: str) -> float:
+        return self.entries[clip_id].seconds
+
+
+def crop_frames(
+    frames: np.ndarray, seconds: float, max_seconds: float, generator: torch.Generator | None
+) -> Tensor:
+    """The frames of at most ``max_seconds`` of a clip of ``seconds``: a random window when
+    ``generator`` is given (training), the start otherwise; as a float16 tensor."""
+    count = frames.shape[0]
+    keep = count
+    if seconds > max_seconds:
+        keep = max(1, min(count, math.ceil(count * max_seconds / seconds - 1e-6)))
+    start = 0
+    if generator is not None and keep < count:
+        start = int(torch.randint(0, count - keep + 1, (1,), generator=generator).item())
+    return torch.from_numpy(np.array(frames[start : start + keep]))
+
+
+def pad_frames(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(T_i, D)`` tensors -> ``(B, T, D)`` right-padded with zeros and ``(B, T)`` True on frames."""
+    longest = max(r.shape[0] for r in rows)
+    out = rows[0].new_zeros(len(rows), longest, rows[0].shape[1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        out[b, : r.shape[0]] = r
+        mask[b, : r.shape[0]] = True
+    return out, mask
+
+
+def open_feature_cache(root: str | Path, identity: str) -> dict[str, FeatureSplit]:
+    """The cached splits for the encoder named ``identity`` (empty when none were written)."""
+    folder = cache_folder(root, identity)
+    meta_path = folder / "cache.json"
+    if not meta_path.is_file():
+        return {}
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("identity") != identity or meta.get("format") != FORMAT:
+        return {}  # a digest collision or an older format: never read features of another encoder
+    return {split: FeatureSplit(folder, split, identity) for split in meta["splits"]}
+
+
+def write_feature_cache(
+    encoder: AudioEncoder,
+    datamodule: AudioTextDataModule,
+    splits: list[Split],
+    root: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Encode every clip of ``splits`` once and store the frames under ``root``.
+
+    Clips are read whole (up to the encoder's own window), in evaluation order, through the data
+    module's loaders, so bad input is skipped and counted as in training and recorded in the
+    index with its reason. Each split's frames go to a new file that its index, replaced
+    atomically, then names; an interrupted run leaves the previous cache intact.
+
+    Returns per split the number of clips cached, skipped and frames stored.
+    """
+    folder = cache_folder(root, encoder.identity)
+    folder.mkdir(parents=True, exist_ok=True)
+    window = getattr(encoder, "max_seconds", None)
+    rate = datamodule.hparams.sample_rate
+    limit = None if window is None else round(window * rate)
+    device = next(encoder.parameters()).device
+    counts: dict[str, dict[str, int]] = {}
+    total = sum(
+        datamodule.stream(s, limit or sys.maxsize).estimated_batches(0) or 0 for s in splits
+    )
+    step = 0
+    for split in splits:
+        loader = datamodule.loader(split, limit or sys.maxsize)
+        data_name = f"{split}.{uuid.uuid4().hex[:8]}.f16"
+        clips: dict[str, list[Any]] = {}
+        offset, width = 0, 0
+        with open(folder / data_name, "wb") as out, torch.no_grad():
+            for batch in loader:
+                frames, mask = encoder(batch["audio"].to(device), batch["audio_mask"].to(device))
+                width = frames.shape[-1]
+                lengths = mask.sum(-1).tolist()
+                samples = batch["audio_mask"].sum(-1).tolist()
+                for b, clip_id in enumerate(batch["clip_id"]):
+                    out.write(frames[b, : lengths[b]].to(torch.float16).cpu().numpy().tobytes())
+                    clips[clip_id] = [
+                        offset,
+                        lengths[b],
+                        samples[b] / rate,
+                        batch["fingerprint"][b],
+                    ]
+                    offset += lengths[b]
+                step += 1
+                if progress is not None:
+                    progress(step, max(total, step))
+            out.flush()
+            os.fsync(out.fileno())
+        skipped = {skip.name: [skip.reason, skip.detail] for skip in loader.skips}
+        index = {"data": data_name, "width": width, "frames": offset, "clips": clips,
+                 "skipped": skipped}  # fmt: skip
+        _replace_json(folder / f"{split}.json", index)  # the switch to the new data file
+        for old in folder.glob(f"{split}.*.f16"):
+            if old.name != data_name:
+                old.unlink()
+        meta_path = folder / "cache.json"
+        done = json.loads(meta_path.read_text("utf-8"))["splits"] if meta_path.is_file() else []
+        meta = {"format": FORMAT, "identity": encoder.identity, "width": width,
+                "splits": sorted({*done, split})}  # fmt: skip
+        _replace_json(meta_path, meta)
+        counts[split] = {"clips": len(clips), "skipped": len(skipped), "frames": offset}
+        log.info("%s: cached %d clips (%d frames), %d skipped", split, len(clips), offset,
+                 len(skipped))  # fmt: skip
+    return counts
+
+
+def _replace_json(path: Path, value: Any) -> None:
+    """Write ``path`` so that a reader sees the old or the new content, never a partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
