@@ -148,6 +148,27 @@ class Stage2(SLITStage):
         feats, frames = self.encode_audio(batch)
         return self.soft_prompt(self.qformer.audio_keys_values(feats, frames))
 
+    def instructed_soft_prompt(self, kv: AudioKV, instructions: list[str]) -> Tensor:
+        """The soft prompt for clips asked ``instructions``: stage 2's queries do not read the
+        instruction (instruction tuning's do)."""
+        return self.soft_prompt(kv)
+
+    def answer(
+        self,
+        batch: dict[str, Any],
+        instructions: list[str],
+        rows: Tensor | None = None,
+        settings: Generation | None = None,
+    ) -> list[str]:
+        """Answers to ``instructions``, the ``i``-th about clip ``rows[i]`` of ``batch`` (default:
+        one instruction per clip). The instruction is the LLM's text prompt."""
+        feats, frames = self.encode_audio(batch)
+        kv = self.qformer.audio_keys_values(feats, frames)
+        if rows is not None:
+            kv = kv.select(rows.to(self.device))
+        soft = self.instructed_soft_prompt(kv, instructions)
+        return self.llm.generate(soft, instructions, settings or self.generation)
+
     def caption(self, batch: dict[str, Any], settings: Generation | None = None) -> list[str]:
         """One generated caption per clip of ``batch`` (``audio``, ``audio_mask``)."""
         soft = self.audio_soft_prompt(batch)
