@@ -9,7 +9,10 @@ YAML can interpolate and several ``--config`` files compose). The other sub-comm
 - ``slit bootstrap encoder|llm`` trains the built-in default's frozen audio encoder / LLM once;
 - ``slit cache-features --config STAGE.yaml`` runs the frozen encoder once over the data and stores
   its features in ``data.feature_cache``, where the stages then read them;
-- ``slit caption FILE... --ckpt PATH`` prints a caption for each audio file.
+- ``slit caption FILE... --ckpt PATH`` prints a caption for each audio file;
+- ``slit ask FILE QUESTION --ckpt PATH`` answers a question (any instruction) about a file;
+- ``slit eval --ckpt PATH...`` runs the evaluation suite (retrieval, zero-shot classification,
+  captioning, QA, tagging) on a split or on labelled data, as one table plus JSON/TensorBoard.
 """
 
 from __future__ import annotations
@@ -248,14 +251,12 @@ def caption_parser() -> Any:
     )
     parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
     parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
-    for name, kind in (("num_beams", int), ("max_new_tokens", int), ("repetition_penalty", float)):
-        parser.add_argument(f"--{name}", type=kind | None, default=None, help="generation")
+    _generation_arguments(parser)
     return parser
 
 
 def caption_command(argv: list[str]) -> None:
     """Run ``slit caption ...``: ``file<TAB>caption`` lines; unreadable files go to stderr."""
-    import dataclasses
 
     from slit_lightning.data.audio import AudioError
     from slit_lightning.inference import caption_files, load_stage2, training_crop_seconds
@@ -264,10 +265,7 @@ def caption_command(argv: list[str]) -> None:
     model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
     # clips are cut as in training unless --max_seconds says otherwise
     crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
-    chosen = {k: cfg[k] for k in ("num_beams", "max_new_tokens", "repetition_penalty")}
-    settings = dataclasses.replace(
-        model.generation, **{k: v for k, v in chosen.items() if v is not None}
-    )
+    settings = _generation_settings(model, cfg)
     failed = 0
     for path, result in caption_files(model, cfg.files, cfg.batch_size, crop, settings):
         if isinstance(result, AudioError):
@@ -277,6 +275,145 @@ def caption_command(argv: list[str]) -> None:
             print(f"{path}\t{result}", flush=True)
     if failed:
         raise SystemExit(f"slit caption: {failed} of {len(cfg.files)} files could not be read")
+
+
+def _generation_arguments(parser: Any) -> None:
+    for name, kind in (("num_beams", int), ("max_new_tokens", int), ("repetition_penalty", float)):
+        parser.add_argument(f"--{name}", type=kind | None, default=None, help="generation")
+
+
+def _generation_settings(model: Any, cfg: Any) -> Any:
+    import dataclasses
+
+    chosen = {k: cfg[k] for k in ("num_beams", "max_new_tokens", "repetition_penalty")}
+    return dataclasses.replace(
+        model.generation, **{k: v for k, v in chosen.items() if v is not None}
+    )
+
+
+def ask_parser() -> Any:
+    """Parser of ``slit ask``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="slit ask", description="Answer a question or follow an instruction about one file."
+    )
+    parser.add_argument("file", help="audio file (wav, flac, ogg, mp3, ...)")
+    parser.add_argument("question", help='e.g. "How many beeps are there?"')
+    parser.add_argument("--ckpt", required=True, help="instruction-tuned (or stage-2) checkpoint")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--max_seconds", type=float | None, default=None, help="default: as trained"
+    )
+    parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
+    parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
+    _generation_arguments(parser)
+    return parser
+
+
+def ask_command(argv: list[str]) -> None:
+    """Run ``slit ask ...``: prints the answer."""
+    from slit_lightning.data.audio import AudioError
+    from slit_lightning.inference import ask, load_stage2, training_crop_seconds
+
+    cfg = ask_parser().parse_args(argv)
+    model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
+    crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
+    try:
+        print(ask(model, cfg.file, cfg.question, crop, _generation_settings(model, cfg)))
+    except AudioError as err:
+        raise SystemExit(f"slit ask: {err}") from None
+
+
+def eval_parser() -> Any:
+    """Parser of ``slit eval``."""
+    from jsonargparse import ArgumentParser
+
+    from slit_lightning.evaluate import TASKS
+
+    parser = ArgumentParser(
+        prog="slit eval",
+        description="Evaluate checkpoints of any stage on a split or on labelled data: one table,"
+        " plus eval.json and TensorBoard scalars per checkpoint under --out.",
+    )
+    parser.add_argument("--ckpt", type=list[str], required=True, help="one or more checkpoints")
+    parser.add_argument("--split", default="zeroshot", help="split of the checkpoint's data")
+    parser.add_argument(
+        "--data", type=str | None, default=None,
+        help="evaluate on this instead: a manifest, Clotho/AudioCaps/Clotho-AQA CSV, an"
+        " ESC-50-style CSV (filename, category) or a folder with one sub-folder per label",
+    )  # fmt: skip
+    parser.add_argument("--audio_dir", type=str | None, default=None, help="audio root for --data")
+    parser.add_argument("--root", type=str | None, default=None, help="corpus root (for --split)")
+    parser.add_argument("--tasks", type=list[str], default=list(TASKS))
+    parser.add_argument("--wordings", default="held_out", choices=["held_out", "train"])
+    parser.add_argument("--label_prompt", default="the sound of {label}")
+    parser.add_argument("--out", default="runs/eval", help="folder for eval.json + TensorBoard")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument(
+        "--max_seconds", type=float | None, default=None, help="default: as trained"
+    )
+    parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
+    parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
+    _generation_arguments(parser)
+    return parser
+
+
+def _run_name(ckpt: str, index: int) -> str:
+    """``stage2`` for ``runs/demo/stage2/checkpoints/last.ckpt``, else the file's stem; numbered."""
+    from pathlib import Path
+
+    path = Path(ckpt)
+    name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+    return f"{index}-{name}"
+
+
+def eval_command(argv: list[str]) -> None:
+    """Run ``slit eval ...``."""
+    from pathlib import Path
+
+    from slit_lightning import progress
+    from slit_lightning.data.datamodule import AudioTextDataModule
+    from slit_lightning.data.sources import SourceSpec
+    from slit_lightning.evaluate import evaluate, table
+    from slit_lightning.inference import load_stage, read_checkpoint
+
+    cfg = eval_parser().parse_args(argv)
+    reports = []
+    for ckpt in cfg.ckpt:
+        model = load_stage(ckpt, cfg.device, cfg.encoder, cfg.llm)
+        if hasattr(model, "generation"):
+            model.generation = _generation_settings(model, cfg)
+        trained = read_checkpoint(ckpt).get("datamodule_hyper_parameters", {})
+        settings = {
+            "sample_rate": model.encoder.sample_rate,
+            "max_seconds": cfg.max_seconds or trained.get("max_seconds", 10.0),
+            "batch_size": cfg.batch_size,
+            "num_workers": cfg.num_workers,
+            "feature_cache": trained.get("feature_cache"),
+        }
+        split = cfg.split
+        if cfg.data:
+            spec = SourceSpec(cfg.data, audio_dir=cfg.audio_dir)
+            dm = AudioTextDataModule(zeroshot=[spec], **settings)
+            split, name = "zeroshot", cfg.data
+        else:
+            root = cfg.root or trained.get("root")
+            given = {s: trained.get(s) for s in ("train", "val", "test", "zeroshot")}
+            dm = AudioTextDataModule(root=root, **(given if not cfg.root else {}), **settings)
+            name = f"{split} split of {root or 'the training data'}"
+        with progress.bar(f"evaluating {Path(ckpt).name}") as tick:
+            report = evaluate(model, dm, split, cfg.tasks, cfg.wordings, cfg.label_prompt, tick)
+        report.checkpoint, report.data = str(ckpt), name
+        report.save(Path(cfg.out) / _run_name(ckpt, len(reports)))
+        reports.append(report)
+    text = table(reports)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "table.txt").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"JSON and TensorBoard scalars under {cfg.out}/")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,9 +432,21 @@ def main(argv: list[str] | None = None) -> None:
             caption_command(argv[1:])
         elif argv[0] == "cache-features":
             cache_command(argv[1:])
+        elif argv[0] == "ask":
+            ask_command(argv[1:])
+        elif argv[0] == "eval":
+            eval_command(argv[1:])
         else:
             known = ", ".join(
-                (*LIGHTNING_COMMANDS, "data", "bootstrap", "cache-features", "caption")
+                (
+                    *LIGHTNING_COMMANDS,
+                    "data",
+                    "bootstrap",
+                    "cache-features",
+                    "caption",
+                    "ask",
+                    "eval",
+                )
             )
             raise SystemExit(f"slit: unknown command {argv[0]!r}; commands: {known}")
     except (

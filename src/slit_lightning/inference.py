@@ -1,6 +1,7 @@
-"""Running a trained model on audio files: decode, batch, caption.
+"""Running a trained model on audio files: decode, batch, caption or answer.
 
-``slit caption FILE... --ckpt PATH`` is a thin layer over :func:`caption_files`.
+``slit caption FILE... --ckpt PATH`` is a thin layer over :func:`caption_files`, ``slit ask FILE
+QUESTION --ckpt PATH`` over :func:`ask`.
 """
 
 from __future__ import annotations
@@ -14,28 +15,46 @@ import torch
 
 from slit_lightning.data.audio import AudioError, crop, load_audio, pad_batch, seconds_to_samples
 from slit_lightning.llm import Generation
+from slit_lightning.stages import Instruct, SLITStage, Stage1, Stage2
 from slit_lightning.stages.base import CheckpointError
-from slit_lightning.stages.stage2 import Stage2
 
 
-def load_stage2(
-    ckpt: str | Path,
-    device: str = "cpu",
-    encoder: str | None = None,
-    llm: str | None = None,
-) -> Stage2:
-    """A stage-2 (or later) checkpoint, loaded with ``weights_only=True``, in eval mode.
+def load_stage(
+    ckpt: str | Path, device: str = "cpu", encoder: str | None = None, llm: str | None = None
+) -> SLITStage:
+    """A checkpoint of any stage, loaded with ``weights_only=True``, in eval mode; the stage is
+    read from its hyper-parameters.
 
     ``encoder`` / ``llm`` point at the frozen models when they have moved since training (the
     checkpoint stores them by reference and checks that they are the same weights)."""
     hparams = read_checkpoint(ckpt).get("hyper_parameters", {})
+    if "held_out_tasks" in hparams:
+        cls: type[SLITStage] = Instruct
+    elif "llm" in hparams:
+        cls = Stage2
+    elif "embed_dim" in hparams:
+        cls = Stage1
+    else:
+        raise CheckpointError(f"{ckpt} is not a checkpoint of a slit-lightning stage")
+    overrides: dict[str, Any] = {"encoder": encoder} if encoder else {}
+    if cls is not Stage1:
+        overrides["init_from"] = None  # the weights come from this checkpoint
+        if llm:
+            overrides["llm"] = llm
+    model = cls.load_from_checkpoint(ckpt, map_location=device, weights_only=True, **overrides)
+    return model.eval()
+
+
+def load_stage2(
+    ckpt: str | Path, device: str = "cpu", encoder: str | None = None, llm: str | None = None
+) -> Stage2:
+    """A stage-2 or instruction-tuned checkpoint (what can caption and answer), in eval mode."""
+    hparams = read_checkpoint(ckpt).get("hyper_parameters", {})
     if "llm" not in hparams:
         raise CheckpointError(f"{ckpt} is not a stage-2 checkpoint (it names no LLM)")
-    overrides = {k: v for k, v in {"encoder": encoder, "llm": llm}.items() if v is not None}
-    model = Stage2.load_from_checkpoint(
-        ckpt, map_location=device, weights_only=True, init_from=None, **overrides
-    )
-    return model.eval()
+    model = load_stage(ckpt, device, encoder, llm)
+    assert isinstance(model, Stage2)
+    return model
 
 
 def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
@@ -82,6 +101,27 @@ def caption_files(
         captions = dict(zip(waves, _caption(model, list(waves.values()), settings), strict=True))
         for path in chunk:
             yield path, captions[path] if path in captions else failed[path]
+
+
+@torch.no_grad()
+def ask(
+    model: Stage2,
+    path: str | Path,
+    question: str,
+    max_seconds: float | None = None,
+    settings: Generation | None = None,
+) -> str:
+    """The model's answer to ``question`` about one audio file (raises ``AudioError`` if it
+    cannot be read). An instruction-tuned model's queries read the question; a stage-2 model
+    gets it as the LLM's prompt only."""
+    rate = model.encoder.sample_rate
+    limit = max_seconds or getattr(model.encoder, "max_seconds", None)
+    wave = load_audio(str(path), rate)
+    if limit:
+        wave = crop(wave, seconds_to_samples(limit, rate), None)
+    audio, mask = pad_batch([wave])
+    batch = {"audio": audio.to(model.device), "audio_mask": mask.to(model.device)}
+    return model.answer(batch, [question], settings=settings)[0]
 
 
 @torch.no_grad()

@@ -201,6 +201,8 @@ class AudioTextDataModule(LightningDataModule):
         self.ledgers = {split: SkipLedger(max_skip_fraction) for split in SPLITS}
         self._epochs = dict.fromkeys(SPLITS, 0)
         self.features: dict[str, FeatureSplit] = {}
+        #: skip clips without captions; stages that need none (instruction tuning) turn it off
+        self.require_captions = True
 
     def _specs(self, split: str, value: SourceList) -> list[SourceSpec]:
         if value is None:
@@ -261,6 +263,7 @@ class AudioTextDataModule(LightningDataModule):
             caption_mode=hp.caption_mode if train else "first",
             silence_peak=hp.silence_peak,
             features=None if audio_samples else self.features.get(split),
+            require_captions=self.require_captions and not audio_samples,
         )
         dataset.set_distributed(*self._rank_and_world())
         dataset.loader_workers = self.hparams.num_workers

@@ -1,4 +1,5 @@
-"""Where audio-caption pairs come from: manifests, AudioCaps / Clotho CSVs, WebDataset tar shards.
+"""Where audio-text data comes from: manifests, AudioCaps / Clotho / Clotho-AQA CSVs, labelled
+sets (an ESC-50-style CSV or a folder per label) and WebDataset tar shards.
 
 A source lists *units* (manifest rows or tar shards) and turns one unit into :class:`Clip` records
 (audio not yet decoded). Problems with one record are yielded as :class:`Skip` so the pipeline can
@@ -11,6 +12,16 @@ Manifest schema (JSONL, one object per line; CSV with the same column names):
 - ``captions`` (list of strings) or ``caption`` (one string; in CSV also ``caption_1..caption_N``);
 - optional ``id`` (the clip id; defaults to ``audio``), ``labels`` (list, or ``;``-separated in CSV),
   ``qa`` (list of ``{"question": ..., "answer": ...}``).
+
+Instruction data is a manifest whose rows have ``instruction`` and ``answer`` instead of captions
+(each row one QA pair; rows sharing an ``id`` are one clip). Rows may also carry only ``labels`` or
+``qa``: a clip without captions is used by the stages that need none (instruction tuning,
+evaluation) and skipped as ``empty caption`` by the others.
+
+Clotho-AQA CSV: ``file_name, QuestionText, answer`` (one row per answer; a clip's rows become its
+QA pairs). Labelled sets for zero-shot classification: a CSV with ``filename, category`` (ESC-50's
+``meta/esc50.csv``; audio in ``audio_dir``, e.g. ESC-50's ``audio/``), or a folder whose
+sub-folders are the labels (``dog/1.wav``, ``rain/7.flac``).
 """
 
 from __future__ import annotations
@@ -34,7 +45,9 @@ from slit_lightning.data.audio import AUDIO_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-SourceFormat = Literal["auto", "manifest", "audiocaps", "clotho", "shards"]
+SourceFormat = Literal["auto", "manifest", "audiocaps", "clotho", "clotho_aqa", "labels", "shards"]
+CAPTION_COLUMNS = {"caption", "captions", "caption_1"}
+OTHER_TEXT_COLUMNS = {"labels", "qa", "instruction"}
 
 
 class DataConfigError(ValueError):
@@ -186,10 +199,10 @@ class ManifestSource(_RowSource):
         first = next((r for r in rows if isinstance(r, dict)), None)
         if first is None:
             raise DataConfigError(f"{path}: manifest has no rows")
-        if "audio" not in first or not ({"caption", "captions", "caption_1"} & first.keys()):
+        if "audio" not in first or not ((CAPTION_COLUMNS | OTHER_TEXT_COLUMNS) & first.keys()):
             raise DataConfigError(
                 f"{path}: manifest lacks columns: needs 'audio' and 'captions' (or 'caption'),"
-                f" found {sorted(first)}"
+                f" or 'instruction' + 'answer', 'labels' or 'qa'; found {sorted(first)}"
             )
         super().__init__(spec, _group_by_id(rows))
 
@@ -201,16 +214,23 @@ class ManifestSource(_RowSource):
         if isinstance(audio, Skip):
             return audio
         raw: list[Any] = []
+        qa: list[tuple[str, str]] = []
         for part in rows:
             texts = part.get("captions", part.get("caption"))
             if texts is None:
                 texts = [v for k, v in sorted(part.items()) if k.startswith("caption_")]
             raw.extend(texts if isinstance(texts, list | tuple) else [texts])
+            qa.extend(_qa(part.get("qa")))
+            if part.get("instruction") is not None:
+                qa.append((str(part["instruction"]).strip(), str(part.get("answer", "")).strip()))
+        labels = _labels(row.get("labels"))
         captions = clean_captions(raw, audio)
         if isinstance(captions, Skip):
-            return captions
+            if raw or not (labels or qa):
+                return captions
+            captions = ()  # a labelled or QA-only clip
         clip_id = str(row.get("id") or audio)  # the full path: unique across sources
-        return Clip(clip_id, audio, audio, captions, _labels(row.get("labels")), _qa(row.get("qa")))
+        return Clip(clip_id, audio, audio, captions, labels, tuple(qa))
 
 
 def _group_by_id(rows: list[Any]) -> list[list[Any]]:
@@ -243,6 +263,58 @@ class ClothoSource(_RowSource):
         if isinstance(captions, Skip):
             return captions
         return Clip(row["file_name"], audio, audio, captions)
+
+
+class ClothoAQASource(_RowSource):
+    """Clotho-AQA CSV: ``file_name, QuestionText, answer`` (one row per answer); a clip's rows
+    become its QA pairs, each distinct (question, answer) once."""
+
+    def __init__(self, spec: SourceSpec) -> None:
+        rows = _read_csv(Path(spec.path), ["file_name", "QuestionText", "answer"])
+        by_file: dict[str, list[dict[str, str]]] = {}
+        for row in rows:
+            by_file.setdefault(row["file_name"], []).append(row)
+        super().__init__(spec, list(by_file.values()))
+
+    def to_clip(self, rows: list[dict[str, str]]) -> Clip | Skip:
+        audio = self.resolve(rows[0]["file_name"])
+        if isinstance(audio, Skip):
+            return audio
+        pairs = [(r["QuestionText"].strip(), r["answer"].strip()) for r in rows]
+        qa = tuple(dict.fromkeys(p for p in pairs if p[0] and p[1]))
+        if not qa:
+            return Skip(audio, "empty caption", "no question with an answer")
+        return Clip(rows[0]["file_name"], audio, audio, (), (), qa)
+
+
+class LabelSource(_RowSource):
+    """A labelled set: an ESC-50-style CSV (``filename, category``; audio in ``audio_dir``) or a
+    folder whose sub-folders are the labels."""
+
+    def __init__(self, spec: SourceSpec) -> None:
+        path = Path(spec.path)
+        if path.is_dir():
+            rows = [
+                {"filename": str(f.relative_to(path)), "category": f.parent.name}
+                for f in sorted(path.rglob("*"))
+                if f.suffix.lower() in AUDIO_SUFFIXES and f.parent != path
+            ]
+            if not rows:
+                raise DataConfigError(f"{path}: no audio files in sub-folders (one per label)")
+            spec = SourceSpec(spec.path, spec.format, spec.audio_dir or str(path),
+                              spec.allow_outside_root)  # fmt: skip
+        else:
+            rows = _read_csv(path, ["filename", "category"])
+        super().__init__(spec, rows)
+
+    def to_clip(self, row: dict[str, str]) -> Clip | Skip:
+        audio = self.resolve(row["filename"])
+        if isinstance(audio, Skip):
+            return audio
+        label = " ".join(row["category"].replace("_", " ").split())
+        if not label:
+            return Skip(audio, "empty caption", "no category")
+        return Clip(row["filename"], audio, audio, (), (label,))
 
 
 class AudioCapsSource(_RowSource):
@@ -397,12 +469,18 @@ def detect_format(spec: SourceSpec) -> SourceFormat:
     path = spec.path
     if ".tar" in Path(path.split("::")[0]).name or "{" in path:
         return "shards"
+    if Path(path).is_dir():
+        return "labels"
     if path.endswith(".csv"):
         header = _csv_header(Path(path))
         if {"audiocap_id", "youtube_id"} <= set(header):
             return "audiocaps"
         if "file_name" in header and "caption_1" in header:
             return "clotho"
+        if {"file_name", "QuestionText", "answer"} <= set(header):
+            return "clotho_aqa"
+        if {"filename", "category"} <= set(header):
+            return "labels"
     return "manifest"
 
 
@@ -415,6 +493,10 @@ def open_source(spec: SourceSpec | str) -> Source:
             return AudioCapsSource(spec)
         case "clotho":
             return ClothoSource(spec)
+        case "clotho_aqa":
+            return ClothoAQASource(spec)
+        case "labels":
+            return LabelSource(spec)
         case "shards":
             return ShardSource(spec)
         case _:

@@ -48,6 +48,8 @@ class AudioTextStream(IterableDataset):
         silence_peak: clips whose peak amplitude stays below this are skipped as silent.
         features: this split's cached encoder features (see :mod:`slit_lightning.data.features`);
             batches then carry ``features``/``feature_mask`` instead of ``audio``/``audio_mask``.
+        require_captions: skip clips without captions (labelled or QA-only clips) as
+            ``empty caption``; the stages that train on captions need this.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class AudioTextStream(IterableDataset):
         caption_mode: CaptionMode = "random",
         silence_peak: float = 1e-4,
         features: FeatureSplit | None = None,
+        require_captions: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -73,7 +76,7 @@ class AudioTextStream(IterableDataset):
             caption_mode,
             silence_peak,
         )
-        self.features = features
+        self.features, self.require_captions = features, require_captions
         self.epoch, self.rank, self.world_size = 0, 0, 1
         #: loader workers per rank; only used to estimate the length
         self.loader_workers = 0
@@ -192,6 +195,10 @@ class AudioTextStream(IterableDataset):
         be used."""
         if isinstance(record, Skip):
             return record
+        if self.require_captions and not record.captions:
+            return Skip(
+                record.name, "empty caption", "labels or QA only; this stage needs captions"
+            )
         signals: dict[str, Any]
         if self.features is not None:
             frames = self.features.lookup(record)
@@ -207,7 +214,9 @@ class AudioTextStream(IterableDataset):
                 return Skip(err.name, err.reason, err.detail)
             signals = {"audio": crop(wave, self.max_samples, crop_gen)}
         use_random = self.train and self.caption_mode == "random"
-        caption = rng.choice(record.captions) if use_random else record.captions[0]
+        caption = ""
+        if record.captions:
+            caption = rng.choice(record.captions) if use_random else record.captions[0]
         return {
             **signals,
             "fingerprint": fingerprint(record.audio),

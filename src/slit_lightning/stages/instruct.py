@@ -72,6 +72,13 @@ class Instruct(Stage2):
         for name, param in self.qformer.named_parameters():
             param.requires_grad_(not name.startswith("lm_head."))
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # labelled or QA-only clips (instruction data, Clotho-AQA) have examples too
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and hasattr(datamodule, "require_captions"):
+            datamodule.require_captions = False
+
     def load_stage1(self, path: str) -> None:
         """The Q-Former (and, from a stage-2 checkpoint, the projection) of ``path``."""
         super().load_stage1(path)
