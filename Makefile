@@ -47,6 +47,16 @@ $(DEMO_DIR)/encoder/model.safetensors: $(DEMO_DIR)/corpus/corpus.json
 $(DEMO_DIR)/llm/metrics.json: $(DEMO_DIR)/corpus/corpus.json
 	$(SLIT) bootstrap llm --corpus $(DEMO_DIR)/corpus --out $(DEMO_DIR)/llm
 
+# the checkpoints the demo writes; eval-zeroshot trains whichever is missing (same commands)
+STAGE1_CKPT := $(DEMO_DIR)/stage1/checkpoints/last.ckpt
+STAGE2_CKPT := $(DEMO_DIR)/stage2/checkpoints/last.ckpt
+INSTRUCT_CKPT := $(DEMO_DIR)/instruct/checkpoints/last.ckpt
+
+eval-zeroshot: $(STAMP) ## evaluate the demo's stage-1, stage-2 and instruction-tuned checkpoints on the zero-shot split
+	@for ckpt in $(STAGE1_CKPT) $(STAGE2_CKPT) $(INSTRUCT_CKPT); do \
+	  test -f $$ckpt || { echo "missing $$ckpt: run make demo first"; exit 1; }; done
+	$(SLIT) eval --ckpt [$(STAGE1_CKPT),$(STAGE2_CKPT),$(INSTRUCT_CKPT)] --split zeroshot --wordings held_out --out $(DEMO_DIR)/eval/zeroshot
+
 test: $(STAMP) ## run the default test suite (no slow, no gpu tests)
 	$(PY) -m pytest -q
 

@@ -165,6 +165,28 @@ def test_text_never_uses_the_zeroshot_split(corpus: Path) -> None:
     assert any(d.startswith("Question: ") and " Answer: " in d for d in docs)
 
 
+def test_text_follows_training_instructions_only(corpus: Path) -> None:
+    """The LLM sees instructions the way an instruction-tuned LLM has (training wordings of the
+    trained tasks, with answers) but never a held-out wording or the held-out task."""
+    from slit_lightning.instructions import TASKS
+
+    docs = corpus_documents(corpus) + generated_documents(200, 0, 0, [], 1.0)
+    lowered = [d.lower() for d in docs]
+
+    def starts(wording: str) -> int:
+        head = wording.split("{")[0].strip().lower()
+        return sum(d.startswith(head) for d in lowered) if head else 0
+
+    for task in ("detailed", "classify", "tag"):
+        assert sum(starts(w) for w in TASKS[task][0]) > 0, task
+    assert starts("Answer the question about the audio:") > 0
+    for task, (_, held_out) in TASKS.items():
+        assert all(starts(w) == 0 for w in held_out), task
+    assert all(starts(w) == 0 for w in TASKS["choose"][0])
+    tags = [d for d in docs if d.startswith("List all the sounds you hear. ")]
+    assert tags and all("," in t or len(t.split()) <= 9 for t in tags)
+
+
 def test_missing_corpus_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nowhere.*slit data synth --out DIR"):
         bootstrap_llm(tmp_path / "nowhere", tmp_path / "out", **tiny_knobs())

@@ -32,7 +32,7 @@ VERBATIM = "{question}"  # the QA wording that passes a question or instruction 
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "caption": (
         ("Describe the sound.", "A short caption:", "Write a caption for the audio clip."),
-        ("Summarize the audio in one sentence.", "What can be heard in this recording?"),
+        ("Tell me, in one sentence, what this audio contains.",),
     ),
     "detailed": (
         ("Describe the audio in detail.", "Give a detailed description of every sound you hear."),

@@ -9,7 +9,9 @@ pretrained LLM, with nothing from this package imported::
     tokenizer = AutoTokenizer.from_pretrained(out_dir)      # PreTrainedTokenizerFast
     model = AutoModelForCausalLM.from_pretrained(out_dir)   # LlamaForCausalLM
 
-Its text: the corpus's train-split captions and question/answer pairs, plus many more sentences
+Its text: the corpus's train-split captions and question/answer pairs, instructions in the
+training wordings of the instruction tasks followed by their answers (what an instruction-tuned LLM
+such as Vicuna or Flan-T5 has seen; the held-out wordings and tasks never appear), plus many more sentences
 from scenes planned (never rendered) with the corpus generator's own rules, some of them worded
 with the held-out synonyms (a real LLM knows every English word), some behind instruction-like
 prefixes ("Describe the sound.", "Question: ... Answer: ...") that later stages prompt with. The
@@ -29,7 +31,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from torch import Tensor
 
 from slit_lightning.atomic import save_folder_atomic
 from slit_lightning.data import synth, synth_text
+from slit_lightning.instructions import ClipText, InstructionMix
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ INSTRUCTIONS = (
     "Summarize the audio in one sentence.",
 )
 _PREFIXED, _LOWERED, _HELDOUT = 0.3, 0.1, 0.25  # shares of captions / documents / scenes
+_INSTRUCTED = 2  # instruction + answer documents per clip
+_LLM_MIX = InstructionMix(dict.fromkeys(("caption", "detailed", "qa", "classify", "tag"), 1.0))
 _SEED_TAG = 0x11A  # separates the text streams from the corpus's own clip streams
 
 
@@ -85,14 +90,23 @@ def _style(text: str, rng: np.random.Generator) -> str:
     return text.lower() if rng.random() < _LOWERED else text
 
 
-def _documents(caps: list[str], qa: list[dict[str, str]], rng: np.random.Generator) -> list[str]:
-    """One clip's documents: its captions (some behind an instruction) and its QA pairs."""
+def _documents(
+    caps: list[str], qa: list[dict[str, str]], rng: np.random.Generator, labels: Sequence[str] = ()
+) -> list[str]:
+    """One clip's documents: its captions (some behind an instruction), its QA pairs, and
+    instructions followed by their answers, in the training wordings of the instruction tasks
+    (as an instruction-tuned LLM has seen; held-out wordings and tasks never appear)."""
     docs = []
     for caption in caps:
         if rng.random() < _PREFIXED:
             caption = f"{INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]} {caption}"
         docs.append(_style(caption, rng))
     docs += [_style(f"Question: {p['question']} Answer: {p['answer']}", rng) for p in qa]
+    clip = ClipText(caps, list(labels), [(p["question"], p["answer"]) for p in qa])
+    draws = random.Random(int(rng.integers(2**62)))
+    for _ in range(_INSTRUCTED):
+        example = _LLM_MIX.draw(clip, draws)
+        docs.append(_style(f"{example.instruction} {example.answer}", rng))
     return docs
 
 
@@ -115,7 +129,12 @@ def corpus_documents(corpus: str | Path, seed: int = 0) -> list[str]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            docs += _documents(list(row.get("captions") or []), list(row.get("qa") or []), rng)
+            docs += _documents(
+                list(row.get("captions") or []),
+                list(row.get("qa") or []),
+                rng,
+                list(row.get("labels") or []),
+            )
     if not docs:
         raise ValueError(f"{path} holds no captions: nothing to train the LLM on")
     return docs
@@ -144,7 +163,8 @@ def generated_documents(
         # train-kind scene (no held-out pair), so no zeroshot clip's description is ever seen
         heldout = bool(text_rng.random() < _HELDOUT)
         caps = synth_text.captions(events, background["level"], text_rng, zeroshot=heldout)
-        docs += _documents(caps, synth_text.questions(events, text_rng), text_rng)
+        labels = sorted({e["type"] for e in events})
+        docs += _documents(caps, synth_text.questions(events, text_rng), text_rng, labels)
     return docs
 
 
