@@ -50,8 +50,12 @@ def test_decoder_only_loss_covers_exactly_the_target_and_eos(tiny_llm_factory):
     s = soft(llm, batch=1)
     prompt_ids = llm.tokenizer("a siren")["input_ids"]  # BOS + tokens (this tokenizer adds BOS)
     assert prompt_ids[0] == llm.tokenizer.bos_token_id
-    target = llm.tokenizer("two knocks", add_special_tokens=False)["input_ids"]
-    target = [*target, llm.tokenizer.eos_token_id]
+    # the target as the LLM reads it in running text: joined to the prompt by a space
+    joint = llm.tokenizer("a siren two knocks")["input_ids"]
+    assert joint[: len(prompt_ids)] == prompt_ids
+    target = [*joint[len(prompt_ids) :], llm.tokenizer.eos_token_id]
+    alone = llm.tokenizer("two knocks", add_special_tokens=False)["input_ids"]
+    assert target[:-1] != alone  # tokenized apart, "two" would lose its leading space
     ids = torch.tensor([prompt_ids + target])
     tokens = llm.model.get_input_embeddings()(ids)
     embeds = torch.cat([tokens[:, :1], s, tokens[:, 1:]], dim=1)  # BOS, soft prompt, the rest

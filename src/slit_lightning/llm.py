@@ -179,6 +179,26 @@ class FrozenLLM(nn.Module):
             mask = positions < lengths[:, None]
         return embeds, mask.long()
 
+    def _continuations(
+        self, prompts: list[str], prompt_ids: list[list[int]], targets: list[str]
+    ) -> list[list[int]]:
+        """A decoder-only LLM's target tokens as it reads them after the prompt in running text:
+        prompt and target joined by a space (none after an empty prompt or one ending in
+        whitespace) and tokenized together, the target being what follows the prompt's tokens.
+        Tokenized apart, ``"Answer:"`` + ``"three"`` would give the word without its leading
+        space, a token sequence the LLM never saw. Where the joint tokenization does not keep
+        the prompt's tokens as its start (a merge across the boundary), the target is tokenized
+        alone."""
+        joined = [
+            p + t if not p or p[-1].isspace() else f"{p} {t}"
+            for p, t in zip(prompts, targets, strict=True)
+        ]
+        alone = self._ids(targets, special=False)
+        out = []
+        for p, row, own in zip(prompt_ids, self._ids(joined, special=True), alone, strict=True):
+            out.append(row[len(p) :] if row[: len(p)] == p else own)
+        return out
+
     def _bos_heads(self, rows: list[list[int]]) -> list[int]:
         """1 where a decoder-only row starts with the BOS its tokenizer added, else 0: the soft
         prompt goes after that BOS, inside the document as in pretraining, not before it."""
@@ -212,11 +232,13 @@ class FrozenLLM(nn.Module):
         eos = self.tokenizer.eos_token_id
         prompt_ids = self._ids(prompts, special=True)
         heads = self._bos_heads(prompt_ids)  # from the prompt alone: a target never holds BOS
-        target_ids = [[*row, eos] for row in self._ids(targets, False, max_target_len)]
         if self.is_encoder_decoder:
+            target_ids = [[*row, eos] for row in self._ids(targets, False, max_target_len)]
             embeds, mask = self._inputs(soft_prompt, prompt_ids, heads, left=False)
             labels = _pad(target_ids, IGNORE_INDEX, soft_prompt.device)
             return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        continued = self._continuations(prompts, prompt_ids, targets)
+        target_ids = [[*row[:max_target_len], eos] for row in continued]
         rows = [p + t for p, t in zip(prompt_ids, target_ids, strict=True)]
         embeds, mask = self._inputs(soft_prompt, rows, heads, left=False)
         n = soft_prompt.shape[1]
