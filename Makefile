@@ -32,8 +32,11 @@ demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors $(DEM
 	$(SLIT) test --config conf/stage1.yaml --ckpt_path $(DEMO_DIR)/stage1/checkpoints/last.ckpt
 	$(SLIT) fit --config conf/stage2.yaml
 	$(SLIT) test --config conf/stage2.yaml --ckpt_path $(DEMO_DIR)/stage2/checkpoints/last.ckpt
+	$(SLIT) fit --config conf/instruct.yaml
 	$(SLIT) caption $(DEMO_CLIPS) --ckpt $(DEMO_DIR)/stage2/checkpoints/last.ckpt
+	$(SLIT) ask $(word 1,$(DEMO_CLIPS)) "List all the sounds you hear." --ckpt $(DEMO_DIR)/instruct/checkpoints/last.ckpt
 	@echo "test captions and scores: $(DEMO_DIR)/logs/stage2/version_*/test_captions.json"
+	@echo "zero-shot evaluation of all three checkpoints: make eval-zeroshot"
 	@echo "TensorBoard logs: $(DEMO_DIR)/logs  (make tensorboard)"
 
 # corpus.json is written last, so its presence means a complete corpus

@@ -188,3 +188,20 @@ def test_built_in_chain_synth_bootstrap_stage1_stage2_caption(tmp_path, tiny_ber
     main(["caption", *map(str, clips), "--ckpt", str(stage2 / "last.ckpt")])
     lines = capsys.readouterr().out.strip().split("\n")
     assert [line.split("\t")[0] for line in lines] == [str(c) for c in clips]
+    # instruction tuning from the stage-2 checkpoint, then `slit ask` and the evaluation suite
+    instruct = tmp_path / "instruct"
+    main(["fit", "--config", str(REPO / "conf" / "instruct.yaml"), *shared,
+          "--model.llm", str(llm), "--model.init_from", str(stage2 / "last.ckpt"),
+          "--model.generation.max_new_tokens", "6", "--trainer.default_root_dir", str(instruct),
+          "--trainer.callbacks", _checkpoint_to(instruct)])  # fmt: skip
+    capsys.readouterr()
+    main(["ask", str(clips[0]), "How many beeps are there?", "--ckpt", str(instruct / "last.ckpt")])
+    assert capsys.readouterr().out.strip()
+    ckpts = ",".join(str(d / "last.ckpt") for d in (stage1, stage2, instruct))
+    main(["eval", "--ckpt", f"[{ckpts}]", "--split", "zeroshot", "--out", str(tmp_path / "eval"),
+          "--num_workers", "0", "--max_new_tokens", "4"])  # fmt: skip
+    table = capsys.readouterr().out
+    assert "0-Stage1" in table and "1-Stage2" in table and "2-Instruct" in table
+    for task in ("retrieval", "classify_contrastive", "caption", "qa", "classify", "tag", "choose"):
+        assert f"\n{task} " in table, task
+    assert len(list((tmp_path / "eval").glob("*/eval.json"))) == 3

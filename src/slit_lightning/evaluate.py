@@ -53,13 +53,18 @@ class EvalReport:
     clips: int = 0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: every generated answer: task, instruction, expected answer, prediction
+    answers: list[dict[str, str]] = field(default_factory=list)
 
     def save(self, out_dir: str | Path) -> Path:
-        """``eval.json`` and TensorBoard scalars (``eval/{task}/{metric}``) in ``out_dir``."""
+        """``eval.json`` (scores), ``answers.json`` (every generated answer) and TensorBoard
+        scalars (``eval/{task}/{metric}``) in ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "eval.json"
-        path.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
+        summary = {k: v for k, v in asdict(self).items() if k != "answers"}
+        path.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        (out / "answers.json").write_text(json.dumps(self.answers, indent=1), encoding="utf-8")
         with SummaryWriter(str(out)) as writer:
             for task, values in self.metrics.items():
                 for name, value in values.items():
@@ -156,6 +161,10 @@ def evaluate(
         elif not examples[task]:
             report.skipped[task] = "the data has nothing this task needs"
         else:
+            report.answers += [
+                {"task": task, "instruction": e.instruction, "answer": e.answer, "prediction": p}
+                for e, p in zip(examples[task], answers[task], strict=True)
+            ]
             scores = score_answers(task, examples[task], answers[task], vocabulary)
             report.metrics[task] = scores.values
             report.skipped |= {f"{task}/{k}": v for k, v in scores.unavailable.items()}

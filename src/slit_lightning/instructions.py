@@ -12,6 +12,8 @@ Tasks (:data:`TASKS`):
 
 Every task has training wordings and held-out wordings; held-out wordings, and the tasks in
 ``held_out_tasks`` (``choose`` by default), are never trained on and serve zero-shot evaluation.
+The held-out wordings are paraphrases made of words the training wordings use, so that the
+built-in LLM, which knows no English beyond its corpus, can read them as a real LLM would.
 A question from user data is used in the ``{question}`` slot of a QA wording; instruction data
 (``audio, instruction, answer``) arrives as QA pairs too, and its instructions are used verbatim.
 """
@@ -32,11 +34,11 @@ VERBATIM = "{question}"  # the QA wording that passes a question or instruction 
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "caption": (
         ("Describe the sound.", "A short caption:", "Write a caption for the audio clip."),
-        ("Tell me, in one sentence, what this audio contains.",),
+        ("Describe what happens in this clip.",),
     ),
     "detailed": (
         ("Describe the audio in detail.", "Give a detailed description of every sound you hear."),
-        ("Describe everything that happens in this clip, in order.",),
+        ("Describe every sound in this clip, in order.",),
     ),
     "qa": (
         (
@@ -44,19 +46,19 @@ TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             VERBATIM,
             "Answer the question about the audio: {question}",
         ),
-        ("Listen to the clip, then answer. Question: {question} Answer:",),
+        ("Listen to the clip and answer. Question: {question} Answer:",),
     ),
     "classify": (
         ("What sound is this? Answer with its name.", "Name a sound you hear."),
-        ("Which kind of sound can be heard? Give its label.",),
+        ("Which sound can be heard? Answer with its name.",),
     ),
     "choose": (
         ("Which of these sounds is in the clip: {options}? Answer:",),
-        ("Pick the label that fits the audio from: {options}. Answer:",),
+        ("Pick the sound that fits the audio from: {options}. Answer:",),
     ),
     "tag": (
         ("List all the sounds you hear.", "Tag the audio with every sound in it."),
-        ("Which sounds occur in this clip? List them.",),
+        ("List every sound in this clip.",),
     ),
 }
 DEFAULT_MIX = {"caption": 1.0, "detailed": 0.5, "qa": 2.0, "classify": 0.5, "tag": 0.5}
