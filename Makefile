@@ -26,17 +26,15 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 DEMO_CLIPS = $(DEMO_DIR)/corpus/audio/test/test-000000.flac $(DEMO_DIR)/corpus/audio/test/test-000001.flac $(DEMO_DIR)/corpus/audio/test/test-000002.flac
 
 demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors $(DEMO_DIR)/llm/metrics.json ## run the main job on the built-in corpus (offline, CPU)
-	$(SLIT) data check --config conf/data.yaml --data.root $(DEMO_DIR)/corpus --splits [train] --max_batches 10 --log_dir $(DEMO_DIR)/logs/data
 	$(SLIT) cache-features --config conf/stage1.yaml
 	$(SLIT) fit --config conf/stage1.yaml
-	$(SLIT) test --config conf/stage1.yaml --ckpt_path $(DEMO_DIR)/stage1/checkpoints/last.ckpt
 	$(SLIT) fit --config conf/stage2.yaml
 	$(SLIT) test --config conf/stage2.yaml --ckpt_path $(DEMO_DIR)/stage2/checkpoints/last.ckpt
 	$(SLIT) fit --config conf/instruct.yaml
 	$(SLIT) caption $(DEMO_CLIPS) --ckpt $(DEMO_DIR)/stage2/checkpoints/last.ckpt
 	$(SLIT) ask $(word 1,$(DEMO_CLIPS)) "List all the sounds you hear." --ckpt $(DEMO_DIR)/instruct/checkpoints/last.ckpt
 	@echo "test captions and scores: $(DEMO_DIR)/logs/stage2/version_*/test_captions.json"
-	@echo "zero-shot evaluation of all three checkpoints: make eval-zeroshot"
+	@echo "zero-shot evaluation of all three checkpoints (retrieval, classification, QA, ...): make eval-zeroshot"
 	@echo "TensorBoard logs: $(DEMO_DIR)/logs  (make tensorboard)"
 
 # corpus.json is written last, so its presence means a complete corpus

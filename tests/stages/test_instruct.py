@@ -40,6 +40,19 @@ def make_instruct(encoder, bert, llm, init_from, **kwargs) -> Instruct:
     )
 
 
+@pytest.fixture(scope="module")
+def tiny_encoder_stage1(tiny_encoder, tiny_bert, tmp_path_factory):
+    from slit_lightning.stages import Stage1
+
+    torch.manual_seed(1)
+    stage1 = Stage1(str(tiny_encoder), str(tiny_bert), embed_dim=16, **QFORMER)
+    checkpoint = {"state_dict": stage1.state_dict()}
+    stage1.on_save_checkpoint(checkpoint)
+    path = tmp_path_factory.mktemp("stage1") / "last.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
 @pytest.fixture
 def instruct(tiny_encoder, tiny_bert, tiny_llm_factory, stage2_ckpt) -> Instruct:
     return make_instruct(tiny_encoder, tiny_bert, tiny_llm_factory("opt"), stage2_ckpt[0])
@@ -99,6 +112,23 @@ def test_training_step_reaches_the_instruction_path(instruct, qa_clips):
     assert instruct.qformer.embeddings.word.weight.grad.abs().sum() > 0
     assert instruct.qformer.query_tokens.grad.abs().sum() > 0
     assert all(p.grad is None for p in instruct.llm.parameters())
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_decoder_only_and_encoder_decoder_llms_train_and_answer(
+    kind, tiny_encoder, tiny_bert, tiny_llm_factory, tiny_encoder_stage1, qa_clips
+):
+    """From a stage-1 checkpoint (the projection then starts fresh), with either LLM layout."""
+    model = make_instruct(tiny_encoder, tiny_bert, tiny_llm_factory(kind), tiny_encoder_stage1)
+    dm = AudioTextDataModule(train=str(qa_clips), batch_size=3, num_workers=0, max_seconds=0.5)
+    batch = next(iter(dm.train_dataloader()))
+    model.log = lambda *a, **k: None
+    loss = model.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and model.llm_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    answers = model.answer(batch, ["Is there a hum?"] * 3)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
 
 
 def test_fit_and_validate_score_every_task(instruct, qa_clips, tmp_path):
