@@ -243,29 +243,18 @@ def caption_parser() -> Any:
         prog="slit caption", description="Print one caption per audio file (any format or rate)."
     )
     parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
-    parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint (.ckpt)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument(
-        "--max_seconds", type=float | None, default=None, help="cut clips (default: as trained)"
-    )
-    parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
-    parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
-    _generation_arguments(parser)
+    _model_arguments(parser, "stage-2 (or instruction-tuned) checkpoint (.ckpt)")
     return parser
 
 
 def caption_command(argv: list[str]) -> None:
     """Run ``slit caption ...``: ``file<TAB>caption`` lines; unreadable files go to stderr."""
-
     from slit_lightning.data.audio import AudioError
-    from slit_lightning.inference import caption_files, load_stage2, training_crop_seconds
+    from slit_lightning.inference import caption_files
 
     cfg = caption_parser().parse_args(argv)
-    model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
-    # clips are cut as in training unless --max_seconds says otherwise
-    crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
-    settings = _generation_settings(model, cfg)
+    model, crop, settings = _generating_model(cfg)
     failed = 0
     for path, result in caption_files(model, cfg.files, cfg.batch_size, crop, settings):
         if isinstance(result, AudioError):
@@ -280,6 +269,28 @@ def caption_command(argv: list[str]) -> None:
 def _generation_arguments(parser: Any) -> None:
     for name, kind in (("num_beams", int), ("max_new_tokens", int), ("repetition_penalty", float)):
         parser.add_argument(f"--{name}", type=kind | None, default=None, help="generation")
+
+
+def _model_arguments(parser: Any, what: str) -> None:
+    """The checkpoint, where to run it, how to crop, where its frozen parts are, decoding."""
+    parser.add_argument("--ckpt", required=True, help=what)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--max_seconds", type=float | None, default=None, help="cut clips (default: as trained)"
+    )
+    parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
+    parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
+    _generation_arguments(parser)
+
+
+def _generating_model(cfg: Any) -> tuple[Any, float | None, Any]:
+    """The checkpoint of ``--ckpt`` that generates text, its crop and decoding settings."""
+    from slit_lightning.inference import load_stage2, training_crop_seconds
+
+    model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
+    # clips are cut as in training unless --max_seconds says otherwise
+    crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
+    return model, crop, _generation_settings(model, cfg)
 
 
 def _generation_settings(model: Any, cfg: Any) -> Any:
@@ -300,27 +311,19 @@ def ask_parser() -> Any:
     )
     parser.add_argument("file", help="audio file (wav, flac, ogg, mp3, ...)")
     parser.add_argument("question", help='e.g. "How many beeps are there?"')
-    parser.add_argument("--ckpt", required=True, help="instruction-tuned (or stage-2) checkpoint")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument(
-        "--max_seconds", type=float | None, default=None, help="default: as trained"
-    )
-    parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
-    parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
-    _generation_arguments(parser)
+    _model_arguments(parser, "instruction-tuned (or stage-2) checkpoint")
     return parser
 
 
 def ask_command(argv: list[str]) -> None:
     """Run ``slit ask ...``: prints the answer."""
     from slit_lightning.data.audio import AudioError
-    from slit_lightning.inference import ask, load_stage2, training_crop_seconds
+    from slit_lightning.inference import ask
 
     cfg = ask_parser().parse_args(argv)
-    model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
-    crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
+    model, crop, settings = _generating_model(cfg)
     try:
-        print(ask(model, cfg.file, cfg.question, crop, _generation_settings(model, cfg)))
+        print(ask(model, cfg.file, cfg.question, crop, settings))
     except AudioError as err:
         raise SystemExit(f"slit ask: {err}") from None
 

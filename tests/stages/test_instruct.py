@@ -9,7 +9,8 @@ from slit_lightning.llm import Generation
 from slit_lightning.stages import Instruct
 from slit_lightning.stages.base import CheckpointError
 from tests.conftest import write_manifest
-from tests.stages.test_stage2 import QFORMER, make_stage2
+from tests.stages.conftest import QFORMER
+from tests.stages.test_stage2 import make_stage2
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +39,6 @@ def make_instruct(encoder, bert, llm, init_from, **kwargs) -> Instruct:
         **QFORMER,
         **kwargs,
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder_stage1(tiny_encoder, tiny_bert, tmp_path_factory):
-    from slit_lightning.stages import Stage1
-
-    torch.manual_seed(1)
-    stage1 = Stage1(str(tiny_encoder), str(tiny_bert), embed_dim=16, **QFORMER)
-    checkpoint = {"state_dict": stage1.state_dict()}
-    stage1.on_save_checkpoint(checkpoint)
-    path = tmp_path_factory.mktemp("stage1") / "last.ckpt"
-    torch.save(checkpoint, path)
-    return path
 
 
 @pytest.fixture
@@ -116,10 +104,10 @@ def test_training_step_reaches_the_instruction_path(instruct, qa_clips):
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
 def test_decoder_only_and_encoder_decoder_llms_train_and_answer(
-    kind, tiny_encoder, tiny_bert, tiny_llm_factory, tiny_encoder_stage1, qa_clips
+    kind, tiny_encoder, tiny_bert, tiny_llm_factory, stage1_ckpt, qa_clips
 ):
     """From a stage-1 checkpoint (the projection then starts fresh), with either LLM layout."""
-    model = make_instruct(tiny_encoder, tiny_bert, tiny_llm_factory(kind), tiny_encoder_stage1)
+    model = make_instruct(tiny_encoder, tiny_bert, tiny_llm_factory(kind), stage1_ckpt[0])
     dm = AudioTextDataModule(train=str(qa_clips), batch_size=3, num_workers=0, max_seconds=0.5)
     batch = next(iter(dm.train_dataloader()))
     model.log = lambda *a, **k: None
