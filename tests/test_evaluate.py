@@ -100,6 +100,15 @@ def test_clotho_aqa_and_instruction_data_become_qa_pairs(tmp_path):
     assert clip.qa == (("Name the pitch.", "300 Hz"), ("Is it loud?", "no"))
 
 
+def test_manifest_rows_with_an_empty_caption_cell_but_labels_are_kept(tmp_path):
+    write_tone(tmp_path / "a.wav", 300.0, 0.3)
+    (tmp_path / "m.csv").write_text("audio,caption,labels\na.wav,,dog;rain\na.wav,,\n")
+    source = open_source(str(tmp_path / "m.csv"))
+    first, second = (next(source.iter_unit(u)) for u in range(2))
+    assert first.labels == ("dog", "rain") and first.captions == ()
+    assert second.reason == "empty caption"  # nothing to learn from
+
+
 def test_caption_stages_skip_clips_without_captions_and_say_why(esc50):
     dm = AudioTextDataModule(
         train=[SourceSpec(str(esc50 / "meta" / "esc50.csv"), audio_dir=str(esc50 / "audio"))],
@@ -177,5 +186,8 @@ def test_ask_answers_about_one_file(checkpoints, tmp_path, capsys):
     main(["ask", str(clip), "How many beeps are there?", "--ckpt", str(checkpoints["instruct"]),
           "--max_new_tokens", "3"])  # fmt: skip
     assert capsys.readouterr().out.strip() != ""
+    # an instruction-tuned checkpoint captions plain audio files too
+    main(["caption", str(clip), "--ckpt", str(checkpoints["instruct"]), "--max_new_tokens", "3"])
+    assert capsys.readouterr().out.startswith(str(clip))
     with pytest.raises(SystemExit, match="is not a stage-2 checkpoint"):
         main(["ask", str(clip), "Why?", "--ckpt", str(checkpoints["stage1"])])

@@ -395,7 +395,8 @@ def eval_command(argv: list[str]) -> None:
             "max_seconds": cfg.max_seconds or trained.get("max_seconds", 10.0),
             "batch_size": cfg.batch_size,
             "num_workers": cfg.num_workers,
-            "feature_cache": trained.get("feature_cache"),
+            # the training data's cache, for its own splits only
+            "feature_cache": None if cfg.data or cfg.root else trained.get("feature_cache"),
         }
         split = cfg.split
         if cfg.data:

@@ -220,6 +220,9 @@ def _contrastive_classification(
     prompt: str,
     report: EvalReport,
 ) -> None:
+    if not any(store["labels"]) or not store["audio"]:
+        report.skipped["classify_contrastive"] = "no labelled clip was read"
+        return
     prompts = [prompt.format(label=v) for v in vocabulary]
     ids, mask = model.tokenize(model.tokenizer, prompts, model.hparams.max_text_len, False)
     text = model.text_embeddings(ids, mask).cpu()

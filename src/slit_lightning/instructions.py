@@ -159,6 +159,11 @@ class InstructionMix:
         if any(w < 0 for w in self.mix.values()) or not any(w > 0 for w in self.mix.values()):
             raise ValueError(f"task weights must be >= 0 with one > 0; got {self.mix}")
 
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks drawn from (weight above zero)."""
+        return [t for t, w in self.mix.items() if w > 0]
+
     def draw(self, clip: ClipText, rng: random.Random, vocabulary: Sequence[str] = ()) -> Example:
         tasks = [t for t, w in self.mix.items() if w > 0 and can_do(t, clip, vocabulary)]
         if not tasks:

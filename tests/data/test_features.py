@@ -81,22 +81,31 @@ def test_audio_changed_after_caching_is_a_counted_skip(encoder, clip_dir, tmp_pa
     assert dict(dm.ledgers["val"].reasons) == {STALE: 1}
 
 
-def test_clips_skipped_while_caching_keep_their_reason_and_new_clips_are_named(
-    encoder, clip_dir, tmp_path
-):
+def test_clips_skipped_while_caching_keep_their_reason(encoder, clip_dir, tmp_path):
     (clip_dir / "clip05.flac").write_bytes(b"not audio at all")
     counts = _cache(encoder, clip_dir, tmp_path / "cache", max_skip_fraction=0.5)
     assert counts["val"] == {"clips": 11, "skipped": 1, "frames": counts["val"]["frames"]}
+    dm = _dm(clip_dir, tmp_path / "cache", max_skip_fraction=0.5)
+    assert dm.use_feature_cache(encoder.identity) == ["val"]
+    assert sum(len(b["clip_id"]) for b in dm.loader("val")) == 11
+    reasons = dict(dm.ledgers["val"].reasons)
+    assert list(reasons.values()) == [1] and STALE not in reasons  # the decoder's own reason
+
+
+def test_a_split_with_clips_the_cache_lacks_reads_audio_and_loses_none(
+    encoder, clip_dir, tmp_path, caplog
+):
+    _cache(encoder, clip_dir, tmp_path / "cache")
     rows = [json.loads(line) for line in (clip_dir / "train.jsonl").read_text().splitlines()]
     write_tone(clip_dir / "late.wav", 300.0)
     rows.append({"id": "late", "audio": "late.wav", "captions": ["a late tone"]})
     write_manifest(clip_dir / "train.jsonl", rows)
-    dm = _dm(clip_dir, tmp_path / "cache", max_skip_fraction=0.5)
-    dm.use_feature_cache(encoder.identity)
-    assert sum(len(b["clip_id"]) for b in dm.loader("val")) == 11
-    reasons = dict(dm.ledgers["val"].reasons)
-    assert reasons.pop("not_in_feature_cache") == 1
-    assert list(reasons.values()) == [1] and STALE not in reasons  # the decoder's own reason
+    dm = _dm(clip_dir, tmp_path / "cache")
+    assert dm.use_feature_cache(encoder.identity) == []
+    assert "1 clips are not in the feature cache (e.g. late)" in caplog.text
+    batches = list(dm.loader("val"))
+    assert all("audio" in b for b in batches)
+    assert sum(len(b["clip_id"]) for b in batches) == 13
 
 
 def test_training_crops_are_random_windows_of_the_cached_frames(encoder, clip_dir, tmp_path):
@@ -115,7 +124,7 @@ def test_training_crops_are_random_windows_of_the_cached_frames(encoder, clip_di
         for batch in dm.loader("train"):
             for b, clip_id in enumerate(batch["clip_id"]):
                 window, source = batch["features"][b][batch["feature_mask"][b]], whole[clip_id]
-                assert window.shape[0] == -(-source.shape[0] // 2)  # half a 1 s clip, rounded up
+                assert window.shape[0] == source.shape[0] // 2  # half a 1 s clip, rounded down
                 matches = [
                     s for s in range(source.shape[0] - window.shape[0] + 1)
                     if torch.equal(source[s : s + window.shape[0]], window)
@@ -146,10 +155,15 @@ def test_an_interrupted_rewrite_leaves_the_previous_cache_readable(encoder, clip
     dm = _dm(clip_dir, tmp_path / "cache")
     assert dm.use_feature_cache(encoder.identity) == ["val"]
     assert sum(len(b["clip_id"]) for b in dm.loader("val")) == 12
-    # a rerun completes and cleans up the old frames file and the abandoned one
+    # a rerun completes; it keeps the previous frames file (a running job may still read it)
+    # and removes the abandoned one and anything older
+    (first,) = [p.name for p in folder.glob("val.*.f16") if p.name in before]
     _cache(encoder, clip_dir, tmp_path / "cache")
-    after = sorted(p.name for p in folder.iterdir())
-    assert len(after) == len(before) and after != before
+    frames = sorted(p.name for p in folder.glob("val.*.f16"))
+    assert len(frames) == 2 and first in frames
+    _cache(encoder, clip_dir, tmp_path / "cache")
+    assert first not in {p.name for p in folder.glob("val.*.f16")}
+    assert len(list(folder.glob("val.*.f16"))) == 2
     assert not any(name.endswith(".tmp") for name in os.listdir(folder))
 
 

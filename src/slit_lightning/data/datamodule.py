@@ -226,6 +226,15 @@ class AudioTextDataModule(LightningDataModule):
             return []
         self.features = open_feature_cache(root, identity)
         wanted = [s for s in SPLITS if self.specs[s]]
+        for split in [s for s in wanted if s in self.features]:
+            uncached = self._uncached(split)
+            if uncached:
+                log.warning(
+                    "%s: %d clips are not in the feature cache (e.g. %s): reading audio for this"
+                    " split; rerun slit cache-features to cache them",
+                    split, len(uncached), ", ".join(uncached[:3]),
+                )  # fmt: skip
+                del self.features[split]
         found = [s for s in wanted if s in self.features]
         missing = [s for s in wanted if s not in self.features]
         if found:
@@ -239,6 +248,22 @@ class AudioTextDataModule(LightningDataModule):
             )
         return found
 
+    def _uncached(self, split: str) -> list[str]:
+        """Clips of ``split`` its cache does not know (neither cached nor skipped when caching).
+        Streamed shards are not listed up front: their clips are checked one by one."""
+        self.setup()
+        cache, out = self.features[split], []
+        for source in self.sources.get(split, []):
+            if source.streams:
+                continue
+            for unit in range(source.num_units):
+                for record in source.iter_unit(unit):
+                    if isinstance(record, Skip):
+                        continue
+                    if record.clip_id not in cache.entries and record.name not in cache.skipped:
+                        out.append(record.clip_id)
+        return out
+
     def stream(self, split: Split, audio_samples: int | None = None) -> AudioTextStream:
         """The dataset of one split, set up for this process's rank.
 
@@ -250,7 +275,7 @@ class AudioTextDataModule(LightningDataModule):
                 f"no {split} data configured: set data.{split} (a manifest, CSV or shards)"
                 " or data.root (a folder with train.jsonl, val.jsonl, ...)"
             )
-        train = split == "train"
+        train = split == "train" and not audio_samples  # the cache writer reads in eval order
         hp = self.hparams
         dataset = AudioTextStream(
             self.sources[split],

@@ -63,15 +63,16 @@ def cache_folder(root: str | Path, identity: str) -> Path:
 
 
 def fingerprint(audio: str | bytes) -> str:
-    """What must not change for a cached clip to stay valid: the file's size and modification
-    time, or a digest of the bytes when the clip came from a shard."""
+    """What must not change for a cached clip to stay valid: the file's path, size and
+    modification time, or a digest of the bytes when the clip came from a shard. A location that
+    cannot be stat-ed (a remote URL) is identified by its address only."""
     if isinstance(audio, bytes):
         return "blake2b:" + hashlib.blake2b(audio, digest_size=12).hexdigest()
     try:
         stat = os.stat(audio)
     except OSError:
-        return "unreadable"
-    return f"file:{stat.st_size}:{stat.st_mtime_ns}"
+        return f"url:{audio}"
+    return f"file:{audio}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ def crop_frames(
     count = frames.shape[0]
     keep = count
     if seconds > max_seconds:
-        keep = max(1, min(count, math.ceil(count * max_seconds / seconds - 1e-6)))
+        # frames of the window, rounded down as an encoder's frame count for that audio is
+        keep = max(1, min(count, math.floor(count * max_seconds / seconds + 1e-6)))
     start = 0
     if generator is not None and keep < count:
         start = int(torch.randint(0, count - keep + 1, (1,), generator=generator).item())
@@ -222,9 +224,14 @@ def write_feature_cache(
         skipped = {skip.name: [skip.reason, skip.detail] for skip in loader.skips}
         index = {"data": data_name, "width": width, "frames": offset, "clips": clips,
                  "skipped": skipped}  # fmt: skip
-        _replace_json(folder / f"{split}.json", index)  # the switch to the new data file
+        index_path = folder / f"{split}.json"
+        previous = (
+            json.loads(index_path.read_text("utf-8"))["data"] if index_path.is_file() else None
+        )
+        _replace_json(index_path, index)  # the switch to the new data file
+        # a job that opened the previous index may still read its file: keep that one, drop older
         for old in folder.glob(f"{split}.*.f16"):
-            if old.name != data_name:
+            if old.name not in (data_name, previous):
                 old.unlink()
         meta_path = folder / "cache.json"
         done = json.loads(meta_path.read_text("utf-8"))["splits"] if meta_path.is_file() else []

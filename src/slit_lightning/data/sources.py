@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,10 +224,11 @@ class ManifestSource(_RowSource):
             qa.extend(_qa(part.get("qa")))
             if part.get("instruction") is not None:
                 qa.append((str(part["instruction"]).strip(), str(part.get("answer", "")).strip()))
-        labels = _labels(row.get("labels"))
+        labels = tuple(dict.fromkeys(lab for part in rows for lab in _labels(part.get("labels"))))
         captions = clean_captions(raw, audio)
         if isinstance(captions, Skip):
-            if raw or not (labels or qa):
+            given = any(isinstance(x, str | bytes) and str(x).strip() for x in raw)
+            if given or not (labels or qa):
                 return captions
             captions = ()  # a labelled or QA-only clip
         clip_id = str(row.get("id") or audio)  # the full path: unique across sources
@@ -266,8 +268,9 @@ class ClothoSource(_RowSource):
 
 
 class ClothoAQASource(_RowSource):
-    """Clotho-AQA CSV: ``file_name, QuestionText, answer`` (one row per answer); a clip's rows
-    become its QA pairs, each distinct (question, answer) once."""
+    """Clotho-AQA CSV: ``file_name, QuestionText, answer`` (one row per annotator's answer); a
+    clip's questions become its QA pairs, each with its annotators' majority answer (the first
+    given on a tie)."""
 
     def __init__(self, spec: SourceSpec) -> None:
         rows = _read_csv(Path(spec.path), ["file_name", "QuestionText", "answer"])
@@ -280,8 +283,12 @@ class ClothoAQASource(_RowSource):
         audio = self.resolve(rows[0]["file_name"])
         if isinstance(audio, Skip):
             return audio
-        pairs = [(r["QuestionText"].strip(), r["answer"].strip()) for r in rows]
-        qa = tuple(dict.fromkeys(p for p in pairs if p[0] and p[1]))
+        answers: dict[str, list[str]] = {}
+        for r in rows:
+            question, answer = r["QuestionText"].strip(), r["answer"].strip()
+            if question and answer:
+                answers.setdefault(question, []).append(answer)
+        qa = tuple((q, Counter(a).most_common(1)[0][0]) for q, a in answers.items())
         if not qa:
             return Skip(audio, "empty caption", "no question with an answer")
         return Clip(rows[0]["file_name"], audio, audio, (), (), qa)

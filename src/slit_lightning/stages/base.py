@@ -75,6 +75,8 @@ class SLITStage(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and hasattr(datamodule, "use_feature_cache"):
             datamodule.use_feature_cache(self.encoder.identity)
+            # predicting needs no reference text: labelled or QA-only clips are welcome
+            datamodule.require_captions = stage != "predict"
 
     def encode_audio(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Frozen features ``(B, T, D)`` and frame mask ``(B, T)`` of a batch: its waveforms

@@ -21,10 +21,12 @@ from torch import Tensor
 
 from slit_lightning.instructions import (
     DEFAULT_MIX,
+    TASKS,
     ClipText,
     Example,
     InstructionMix,
     Wordings,
+    can_do,
     evaluation_examples,
 )
 from slit_lightning.metrics.answers import score_answers
@@ -108,11 +110,8 @@ class Instruct(Stage2):
 
     def caption(self, batch: dict[str, Any], settings: Any = None) -> list[str]:
         """A caption per clip, asked with the first training wording of the caption task."""
-        rng = random.Random(0)
-        examples = [
-            evaluation_examples("caption", c, "train", rng)[0] for c in ClipText.rows(batch)
-        ]
-        return self.answer(batch, [e.instruction for e in examples], settings=settings)
+        size = (batch["features"] if "features" in batch else batch["audio"]).shape[0]
+        return self.answer(batch, [TASKS["caption"][0][0]] * size, settings=settings)
 
     # ------------------------------------------------------------------ training
 
@@ -120,9 +119,20 @@ class Instruct(Stage2):
         rng = random.Random(f"{self.hparams.seed}/{self.global_step}/{self.global_rank}")
         clips = ClipText.rows(batch)
         vocabulary = sorted({label for clip in clips for label in clip.labels})
-        examples = [self.mix.draw(clip, rng, vocabulary) for clip in clips]
+        # a clip none of the mix's tasks can use (say, captions only under a QA-only mix) sits
+        # out this step; every rank still runs the step (a clip-less batch gives a zero loss)
+        rows = [
+            i for i, c in enumerate(clips) if any(can_do(t, c, vocabulary) for t in self.mix.tasks)
+        ]
+        if len(rows) < len(clips):
+            self.log("train/clips_without_task", float(len(clips) - len(rows)), reduce_fx="sum")
         feats, frames = self.encode_audio(batch)
         kv = self.qformer.audio_keys_values(feats, frames)
+        if not rows:
+            return sum(p.sum() for p in self.llm_proj.parameters()) * 0.0
+        if len(rows) < len(clips):
+            kv = kv.select(torch.tensor(rows, device=self.device))
+        examples = [self.mix.draw(clips[i], rng, vocabulary) for i in rows]
         instructions = [e.instruction for e in examples]
         soft = self.instructed_soft_prompt(kv, instructions)
         loss = self.llm.loss(
