@@ -13,8 +13,8 @@ weights, feature settings, layer and sample rate, see :attr:`AudioEncoder.identi
     {split}.{id}.f16    every kept frame of the split, float16, shape (frames, width), raw
 
 A cache built with any other encoder, layer or rate lives under another key and is never read.
-Each clip's entry records a fingerprint of its audio (size and modification time of the file, or a
-digest of the bytes for clips read from shards); a clip whose audio changed after caching is
+Each clip's entry records a fingerprint of its audio (path, size and modification time of the file,
+or a digest of the bytes for clips read from shards); a clip whose audio changed after caching is
 skipped as ``stale_feature_cache`` (counted and logged like any bad input), never silently given
 old features.
 
@@ -112,8 +112,9 @@ class FeatureSplit:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_array": None}  # workers map the file themselves
 
-    def lookup(self, clip: Clip) -> np.ndarray | Skip:
-        """The clip's frames ``(T, D)`` float16, or why there are none."""
+    def lookup(self, clip: Clip, audio_fingerprint: str) -> np.ndarray | Skip:
+        """The clip's frames ``(T, D)`` float16, or why there are none; ``audio_fingerprint`` is
+        :func:`fingerprint` of the clip's audio now."""
         entry = self.entries.get(clip.clip_id)
         if entry is None:
             if clip.name in self.skipped:
@@ -122,7 +123,7 @@ class FeatureSplit:
             return Skip(
                 clip.name, NOT_CACHED, f"not in the {self.split} cache; rerun slit cache-features"
             )
-        if fingerprint(clip.audio) != entry.fingerprint:
+        if audio_fingerprint != entry.fingerprint:
             return Skip(clip.name, STALE, "audio changed after caching; rerun slit cache-features")
         return self.array[entry.offset : entry.offset + entry.frames]
 

@@ -200,8 +200,9 @@ class AudioTextStream(IterableDataset):
                 record.name, "empty caption", "labels or QA only; this stage needs captions"
             )
         signals: dict[str, Any]
+        audio_fingerprint = fingerprint(record.audio)
         if self.features is not None:
-            frames = self.features.lookup(record)
+            frames = self.features.lookup(record, audio_fingerprint)
             if isinstance(frames, Skip):
                 return frames
             seconds = self.features.seconds(record.clip_id)
@@ -219,7 +220,7 @@ class AudioTextStream(IterableDataset):
             caption = rng.choice(record.captions) if use_random else record.captions[0]
         return {
             **signals,
-            "fingerprint": fingerprint(record.audio),
+            "fingerprint": audio_fingerprint,
             "clip_id": record.clip_id,
             "clip_key": record.key,
             "caption": caption,
