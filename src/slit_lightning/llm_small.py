@@ -76,7 +76,7 @@ INSTRUCTIONS = (
     "Summarize the audio in one sentence.",
 )
 _PREFIXED, _LOWERED, _HELDOUT = 0.3, 0.1, 0.25  # shares of captions / documents / scenes
-_INSTRUCTED = 2  # instruction + answer documents per clip
+_INSTRUCTED = 1  # instruction + answer documents per clip (2 cost stage-2 captions more)
 _LLM_MIX = InstructionMix(dict.fromkeys(("caption", "detailed", "qa", "classify", "tag"), 1.0))
 _SEED_TAG = 0x11A  # separates the text streams from the corpus's own clip streams
 
