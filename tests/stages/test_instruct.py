@@ -131,6 +131,7 @@ def test_fit_and_validate_score_every_task(instruct, qa_clips, tmp_path):
         default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(instruct, datamodule=dm)
+    assert dm.require_captions is False  # QA-only and labelled clips train too
     metrics = trainer.callback_metrics
     for key in ("val/caption_cider_d", "val/qa_accuracy", "val/classify_accuracy", "val/tag_f1"):
         assert key in metrics and 0.0 <= float(metrics[key]) <= 10.0, key

@@ -70,13 +70,16 @@ class SLITStage(LightningModule):
 
     # ------------------------------------------------------------------ pieces for the stages
 
+    #: whether training and scoring read reference captions (clips without any are then skipped)
+    needs_captions = True
+
     def setup(self, stage: str) -> None:
         # Features cached for this very encoder replace decoding and encoding (see data.features)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and hasattr(datamodule, "use_feature_cache"):
             datamodule.use_feature_cache(self.encoder.identity)
             # predicting needs no reference text: labelled or QA-only clips are welcome
-            datamodule.require_captions = stage != "predict"
+            datamodule.require_captions = self.needs_captions and stage != "predict"
 
     def encode_audio(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Frozen features ``(B, T, D)`` and frame mask ``(B, T)`` of a batch: its waveforms

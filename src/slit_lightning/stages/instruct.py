@@ -54,6 +54,9 @@ class Instruct(Stage2):
         **kwargs: the settings of :class:`Stage2` (queries, layers, generation, optimiser, ...).
     """
 
+    # labelled or QA-only clips (instruction data, Clotho-AQA) have examples too
+    needs_captions = False
+
     def __init__(
         self,
         encoder: str,
@@ -74,17 +77,9 @@ class Instruct(Stage2):
         for name, param in self.qformer.named_parameters():
             param.requires_grad_(not name.startswith("lm_head."))
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        # labelled or QA-only clips (instruction data, Clotho-AQA) have examples too
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if datamodule is not None and hasattr(datamodule, "require_captions"):
-            datamodule.require_captions = False
-
-    def load_stage1(self, path: str) -> None:
+    def load_stage1(self, path: str) -> dict[str, Any]:
         """The Q-Former (and, from a stage-2 checkpoint, the projection) of ``path``."""
-        super().load_stage1(path)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = super().load_stage1(path)
         llm = frozen_references(checkpoint).get("llm")
         if llm is not None and llm != self.llm.identity:
             raise CheckpointError(
@@ -98,6 +93,7 @@ class Instruct(Stage2):
         }
         if proj:
             self.llm_proj.load_state_dict(proj)
+        return checkpoint
 
     # ------------------------------------------------------------------ the model
 

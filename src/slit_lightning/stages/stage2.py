@@ -112,8 +112,9 @@ class Stage2(SLITStage):
     def frozen_parts(self) -> dict[str, tuple[str, bool]]:
         return super().frozen_parts() | {"llm": (self.llm.identity, self.hparams.save_llm_weights)}
 
-    def load_stage1(self, path: str) -> None:
-        """Take the Q-Former from a stage-1 checkpoint (loaded with ``weights_only=True``)."""
+    def load_stage1(self, path: str) -> dict[str, Any]:
+        """Take the Q-Former from a stage-1 checkpoint (loaded with ``weights_only=True``);
+        returns the checkpoint."""
         if not Path(path).is_file():
             raise FileNotFoundError(
                 f"model.init_from: no stage-1 checkpoint at {path}; train one with"
@@ -136,6 +137,7 @@ class Stage2(SLITStage):
                 f"{path} holds no Q-Former weights (qformer.*): not a stage checkpoint"
             )
         self.qformer.load_converted(weights, strict=True)
+        return checkpoint
 
     # ------------------------------------------------------------------ the model
 
