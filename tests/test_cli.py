@@ -3,6 +3,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from slit_lightning.cli import data_parser, main
@@ -24,6 +25,8 @@ def stage_configs() -> list[list[str]]:
     for experiment in sorted((REPO / "experiments").rglob("*.yaml")):
         base = REPO / "conf" / (experiment.name.split("_")[0] + ".yaml")
         runs.append([str(base), str(experiment)])
+    for preset in sorted((REPO / "conf" / "trainer").glob("*.yaml")):
+        runs.append([str(REPO / "conf" / "stage2.yaml"), str(preset)])
     return runs
 
 
@@ -37,6 +40,11 @@ def test_stage_and_experiment_configs_parse_through_lightning_cli(configs, capsy
     assert info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: slit_lightning.stages." in printed and "data:" in printed
+    if "trainer" in configs[-1]:  # a preset's settings win over the stage's
+        preset = yaml.safe_load(Path(configs[-1]).read_text())["trainer"]
+        trainer = yaml.safe_load(printed)["trainer"]
+        assert trainer["accelerator"] == preset["accelerator"]
+        assert trainer["precision"] == preset["precision"]
 
 
 def test_synth_then_data_check_reports_and_logs_to_tensorboard(tmp_path, capsys):

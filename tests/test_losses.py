@@ -354,6 +354,8 @@ def _rank_main(rank: int, port: int, out: str) -> None:
             dist.all_reduce(grad)
             grad /= WORLD
         losses = gather_nograd(loss[None])
+        negatives = _sampled_negatives(rows)
+        generation = gather_nograd(_uneven_generation_loss(rows)[None])
         # unequal local sizes (a short last batch): 1 row here, 4 there; backward sums per slice
         x = torch.arange(5.0)[:1] if rank == 0 else torch.arange(5.0)[1:]
         x.requires_grad_()
@@ -367,11 +369,31 @@ def _rank_main(rank: int, port: int, out: str) -> None:
                 "params": params,
                 "gathered": gathered.detach(),
                 "x_grad": x.grad,
+                "negatives": negatives,
+                "generation": generation,
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
     finally:
         dist.destroy_process_group()
+
+
+def _sampled_negatives(rows: slice) -> torch.Tensor:
+    """Hard negatives of ``rows`` of one global problem, drawn with a generator seeded alike."""
+    gen = torch.Generator().manual_seed(5)
+    sim = torch.randn(WORLD * LOCAL, WORLD * LOCAL, generator=gen) * 3
+    keys = torch.tensor(KEYS)
+    neg = sample_hard_negatives(sim[rows], sim.t()[rows], keys[rows], keys, gen)
+    return torch.stack([neg.text_index, neg.audio_index])
+
+
+def _uneven_generation_loss(rows: slice) -> torch.Tensor:
+    """Generation loss of ``rows`` where the rows hold very different numbers of labels."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(WORLD * LOCAL, 7, 11, generator=gen)
+    labels = torch.randint(0, 11, (WORLD * LOCAL, 7), generator=gen)
+    labels[:LOCAL, 3:] = -100  # the first rank's rows have few labelled tokens
+    return generation_loss(logits[rows], labels[rows])
 
 
 def _free_port() -> int:
@@ -399,6 +421,13 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path):
     # d/dx of sum(gathered * c), summed over both ranks' identical losses: 2 * c at the own slice
     torch.testing.assert_close(ranks[0]["x_grad"], torch.tensor([20.0]))
     torch.testing.assert_close(ranks[1]["x_grad"], torch.tensor([22.0, 24.0, 26.0, 28.0]))
+    # hard negatives do not depend on the world size: each rank draws its rows of one matrix
+    single = _sampled_negatives(slice(0, WORLD * LOCAL))
+    torch.testing.assert_close(torch.cat([r["negatives"] for r in ranks], dim=1), single)
+    # the generation loss averages over the global batch's tokens, not over rank means
+    whole = _uneven_generation_loss(slice(0, WORLD * LOCAL))
+    torch.testing.assert_close(ranks[0]["generation"].mean(), whole, atol=1e-6, rtol=0)
+    assert abs(ranks[0]["generation"][0] - ranks[0]["generation"][1]) > 1e-3
 
 
 def test_gather_is_identity_without_a_process_group():

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,7 @@ class SmallAudioModel(PreTrainedModel):
     config: SmallAudioConfig
     base_model_prefix = "small_audio"
     main_input_name = "wave"
+    _no_split_modules: ClassVar[list[str]] = ["TransformerEncoderLayer"]  # FSDP wraps these
 
     def __init__(self, config: SmallAudioConfig) -> None:
         super().__init__(config)

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from slit_lightning.encoders import _quiet_transformers
+from slit_lightning.losses import generation_loss
 
 IGNORE_INDEX = -100  # label of positions without a loss (transformers' convention)
 
@@ -236,7 +237,8 @@ class FrozenLLM(nn.Module):
             target_ids = [[*row, eos] for row in self._ids(targets, False, max_target_len)]
             embeds, mask = self._inputs(soft_prompt, prompt_ids, heads, left=False)
             labels = _pad(target_ids, IGNORE_INDEX, soft_prompt.device)
-            return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+            logits = self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits
+            return generation_loss(logits, labels, shift=False)
         continued = self._continuations(prompts, prompt_ids, targets)
         target_ids = [[*row[:max_target_len], eos] for row in continued]
         rows = [p + t for p, t in zip(prompt_ids, target_ids, strict=True)]
@@ -248,7 +250,8 @@ class FrozenLLM(nn.Module):
             IGNORE_INDEX,
             soft_prompt.device,
         )
-        return self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
+        return generation_loss(logits, labels)  # the mean over the global batch's tokens
 
     # ------------------------------------------------------------------ generation
 

@@ -5,9 +5,10 @@ are in the docstrings (`B` local batch, `Bg` global batch over all ranks, `N` qu
 width, `L` sequence length, `V` vocabulary).
 
 Distributed convention (read this before changing `gather_with_grad` or `contrastive_loss`):
-each rank computes the loss of its LOCAL rows against the GLOBAL columns, averaged over its local
-rows, so the mean of the rank losses is the single-process loss of the global batch (equal local
-batch sizes). The backward of the gather SUMS the gradients every rank sends to a slice and hands
+each rank computes the loss of its LOCAL rows against the GLOBAL columns, summed over its local
+rows (or tokens) and divided by the GLOBAL count over the world size (`global_mean_divisor`), so
+the mean of the rank losses is the single-process loss of the global batch, whatever the local
+batch sizes and token counts. The backward of the gather SUMS the gradients every rank sends to a slice and hands
 the sum to the slice's owner, so a rank's local features receive ``d(sum_r loss_r)/d(x_local)``,
 which is ``world_size`` times the single-process gradient. DDP then AVERAGES parameter gradients
 over ranks, which divides by ``world_size`` again: the DDP gradient equals the single-process
@@ -32,6 +33,7 @@ __all__ = [
     "gather_nograd",
     "gather_with_grad",
     "generation_loss",
+    "global_mean_divisor",
     "labels_from_ids",
     "matching_loss",
     "max_query_similarity",
@@ -46,16 +48,21 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _rank_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's local size ``n``, in rank order (one tiny collective and a host sync)."""
+    size = torch.tensor([n], device=device, dtype=torch.long)
+    sizes_t = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes_t, size)
+    return [int(s.item()) for s in sizes_t]
+
+
 def _all_gather_padded(x: Tensor) -> tuple[Tensor, list[int]]:
     """Concatenate ``x`` from all ranks in rank order; local batch sizes may differ (last batch).
 
     ``dist.all_gather`` needs equal shapes, so every rank pads to the largest size first. The size
     exchange costs one tiny collective and a host sync; features are small next to the Q-Former.
     """
-    size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes_t = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes_t, size)
-    sizes = [int(s.item()) for s in sizes_t]
+    sizes = _rank_sizes(x.shape[0], x.device)
     top = max(sizes)
     if x.shape[0] < top:
         x = torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))])
@@ -110,6 +117,22 @@ def gather_nograd(x: Tensor) -> Tensor:
     if not _distributed():
         return x
     return _all_gather_padded(x)[0]
+
+
+def global_mean_divisor(count: int | Tensor, device: torch.device | None = None) -> Tensor:
+    """What a rank divides its summed loss by: the global count (rows, tokens) over world size.
+
+    DDP averages gradients over ranks, so ``sum_r / (N_global / W)`` on each rank gives the
+    gradient of ``sum / N_global``, the single-process mean of the global batch, even when ranks
+    hold different numbers of rows or labelled tokens (a plain local mean weights a rank with few
+    tokens as much as one with many). Without a process group it is the local count. At least 1,
+    so an empty batch gives a zero loss. Every rank must call it (a collective).
+    """
+    total = torch.as_tensor(count, dtype=torch.float32, device=device).detach().clone()
+    if _distributed():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        total = total / dist.get_world_size()
+    return total.clamp_min(1.0)
 
 
 # --------------------------------------------------------------------------- contrastive (ATC)
@@ -200,8 +223,9 @@ def contrastive_loss(
     positive = (clip_keys[:, None] == keys_all[None, :]).to(sim_a2t.dtype)
     # every local row is among the global columns, so each row has at least one positive
     targets = positive / positive.sum(dim=1, keepdim=True)
-    loss_a2t = F.cross_entropy(sim_a2t, targets, label_smoothing=label_smoothing)
-    loss_t2a = F.cross_entropy(sim_t2a, targets, label_smoothing=label_smoothing)
+    rows = global_mean_divisor(sim_a2t.shape[0], sim_a2t.device) if gather else sim_a2t.shape[0]
+    loss_a2t = _summed_ce(sim_a2t, targets, label_smoothing) / rows
+    loss_t2a = _summed_ce(sim_t2a, targets, label_smoothing) / rows
     return ContrastiveOutput(
         loss=(loss_a2t + loss_t2a) / 2,
         sim_a2t=sim_a2t,
@@ -210,6 +234,10 @@ def contrastive_loss(
         loss_a2t=loss_a2t,
         loss_t2a=loss_t2a,
     )
+
+
+def _summed_ce(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="sum")
 
 
 # --------------------------------------------------------------------------- matching (ATM)
@@ -230,8 +258,11 @@ class HardNegatives(NamedTuple):
     """
 
 
-def _sample_rows(logits: Tensor, positive: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One column per row, P proportional to exp(logit) over non-positives; (R, C) -> (R,)."""
+def _sample_rows(logits: Tensor, positive: Tensor, uniform_noise: Tensor) -> Tensor:
+    """One column per row, P proportional to exp(logit) over non-positives; (R, C) -> (R,).
+
+    Drawn with the Gumbel-max trick from ``uniform_noise (R, C)`` in (0, 1), so that the draw of
+    a row depends on its own noise only (see `sample_hard_negatives`)."""
     finite_max = torch.finfo(logits.dtype).max
     # NaN never wins by weight; +inf entries share all the mass instead of making the row NaN
     logits = logits.nan_to_num(nan=float("-inf"), posinf=finite_max, neginf=float("-inf"))
@@ -243,7 +274,21 @@ def _sample_rows(logits: Tensor, positive: Tensor, generator: torch.Generator | 
     uniform = (~positive).to(logits.dtype)
     uniform = torch.where(uniform.sum(1, keepdim=True) > 0, uniform, torch.ones_like(uniform))
     probs = torch.where(has_weight, probs, uniform)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    tiny = torch.finfo(uniform_noise.dtype).tiny
+    gumbel = -torch.log(-torch.log(uniform_noise.clamp(tiny, 1.0 - 1e-7)))
+    return (probs.log() + gumbel.to(probs.dtype)).argmax(dim=1)
+
+
+def _global_noise(
+    rows: int, columns: int, device: torch.device, generator: torch.Generator | None
+) -> Tensor:
+    """This rank's rows ``(rows, columns)`` of one uniform noise matrix over all ranks' rows."""
+    offset, total = 0, rows
+    if _distributed():
+        sizes = _rank_sizes(rows, device)
+        offset, total = sum(sizes[: dist.get_rank()]), sum(sizes)
+    noise = torch.rand(total, columns, generator=generator, device=device)
+    return noise[offset : offset + rows]
 
 
 @torch.no_grad()
@@ -261,7 +306,10 @@ def sample_hard_negatives(
         sim_t2a: (B, Bg) logits of local texts against global audios.
         clip_keys_local: (B,) clip keys of the local rows.
         clip_keys_global: (Bg,) clip keys of the columns.
-        generator: for reproducible draws; must live on the similarities' device.
+        generator: for reproducible draws; must live on the similarities' device. Seeded alike
+            on every rank (e.g. from the seed and the step, as the stages do), it makes the draws
+            independent of the world size: each rank takes its own rows of one noise matrix drawn
+            for the global batch, so 1 process and N processes pick the same negatives.
 
     Every column with the row's clip key (the row itself and the clip's other captions) gets
     probability zero. Rows whose non-positive logits are all NaN/-inf fall back to a uniform
@@ -278,9 +326,12 @@ def sample_hard_negatives(
             f"{clip_keys_global.shape[0]}) as given by the clip keys"
         )
     positive = clip_keys_local[:, None] == clip_keys_global[None, :]
+    rows, columns = positive.shape
+    noise_a2t = _global_noise(rows, columns, sim_a2t.device, generator)
+    noise_t2a = _global_noise(rows, columns, sim_a2t.device, generator)
     return HardNegatives(
-        text_index=_sample_rows(_upcast(sim_a2t), positive, generator),
-        audio_index=_sample_rows(_upcast(sim_t2a), positive, generator),
+        text_index=_sample_rows(_upcast(sim_a2t), positive, noise_a2t),
+        audio_index=_sample_rows(_upcast(sim_t2a), positive, noise_t2a),
         valid=(~positive).any(dim=1),
     )
 
@@ -298,7 +349,7 @@ def matching_loss(logits: Tensor, labels: Tensor) -> Tensor:
             f"matching_loss wants logits (M, 2) and labels (M,); got {tuple(logits.shape)} "
             f"and {tuple(labels.shape)}"
         )
-    return F.cross_entropy(_upcast(logits), labels)
+    return _summed_ce(_upcast(logits), labels) / global_mean_divisor(labels.shape[0], labels.device)
 
 
 # --------------------------------------------------------------------------- generation (ATG / LM)
@@ -310,6 +361,7 @@ def generation_loss(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     head: Callable[[Tensor], Tensor] | None = None,
+    shift: bool = True,
 ) -> Tensor:
     """Next-token cross-entropy: ``logits (B, L, V), labels (B, L) -> scalar``.
 
@@ -317,8 +369,10 @@ def generation_loss(
     hidden states ``(B, L, H)`` instead, and only the labelled positions are projected.
 
     The shift is inside: logits at position t predict ``labels[:, t + 1]``, so pass labels
-    aligned with the input ids (`labels_from_ids`). Positions labelled ``ignore_index`` carry no
-    loss; the mean is over the remaining tokens of the whole batch (as ``F.cross_entropy``).
+    aligned with the input ids (`labels_from_ids`); ``shift=False`` for logits that already line
+    up with their labels (an encoder-decoder's decoder). Positions labelled ``ignore_index`` carry no
+    loss; the mean is over the remaining tokens of the whole batch (as ``F.cross_entropy``), and
+    under DDP over the tokens of the global batch (`global_mean_divisor`).
 
     Efficiency: the labelled rows are gathered first and only they go through the float32
     log-softmax, since with padded captions and long prompts most of the ``B * L * V`` logits have
@@ -332,14 +386,17 @@ def generation_loss(
             f" (B, L); got "
             f"{tuple(logits.shape)} and {tuple(labels.shape)}"
         )
-    targets = labels[:, 1:]
+    targets = labels[:, 1:] if shift else labels
     keep = targets != ignore_index
-    rows = logits[:, :-1][keep]  # (K, V): only positions that predict a labelled token
+    rows = (logits[:, :-1] if shift else logits)[
+        keep
+    ]  # (K, V): only positions that predict a labelled token
+    divisor = global_mean_divisor(rows.shape[0], logits.device)  # a collective: before any return
     if rows.shape[0] == 0:
         return logits.sum() * 0.0
     if head is not None:
         rows = head(rows)
-    return F.cross_entropy(_upcast(rows), targets[keep], label_smoothing=label_smoothing)
+    return _summed_ce(_upcast(rows), targets[keep], label_smoothing) / divisor
 
 
 def labels_from_ids(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slit_lightning.losses import (
+    HardNegatives,
     contrastive_loss,
     gather_nograd,
     generation_loss,
@@ -97,6 +98,19 @@ class Stage1(SLITStage):
         self.atm_head = nn.Linear(width, 2)
         self.temperature = nn.Parameter(torch.tensor(temperature))
         self._eval: dict[str, Any] = {}
+        self._negative_seed = torch.initial_seed()  # made equal on every rank at fit start
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._negative_seed = int(self.trainer.strategy.broadcast(torch.initial_seed() % 2**62))
+
+    def negatives_generator(self, batch_idx: int) -> torch.Generator:
+        """The generator hard negatives are drawn with at this step: seeded from the run's seed,
+        the step and the batch, alike on every rank, so that the draws depend on neither the
+        world size (see `sample_hard_negatives`) nor on what else consumed random numbers, and a
+        resumed run draws what the uninterrupted one would have."""
+        seed = hash((self._negative_seed, self.global_step, batch_idx)) % 2**62
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     # ------------------------------------------------------------------ the three views
 
@@ -150,7 +164,14 @@ class Stage1(SLITStage):
             batch["clip_key"],
             self.temperature,
         )
-        atm = self._matching_loss(atc, batch["clip_key"], kv, feats, frames, ids, mask)
+        neg = sample_hard_negatives(
+            atc.sim_a2t.detach(),
+            atc.sim_t2a.detach(),
+            batch["clip_key"],
+            atc.clip_keys_global,
+            self.negatives_generator(batch_idx),
+        )
+        atm = self._matching_loss(neg, kv, feats, frames, ids, mask)
         atg = self._generation_loss(kv, ids, mask)
         hp = self.hparams
         loss = hp.loss_atc * atc.loss + hp.loss_atm * atm + hp.loss_atg * atg
@@ -169,8 +190,7 @@ class Stage1(SLITStage):
 
     def _matching_loss(
         self,
-        atc: Any,
-        keys: Tensor,
+        neg: HardNegatives,
         kv: AudioKV,
         feats: Tensor,
         frames: Tensor,
@@ -178,9 +198,6 @@ class Stage1(SLITStage):
         mask: Tensor,
     ) -> Tensor:
         """ATM on B positives, B (audio, hard-negative text) and B (hard-negative audio, text)."""
-        neg = sample_hard_negatives(
-            atc.sim_a2t.detach(), atc.sim_t2a.detach(), keys, atc.clip_keys_global
-        )
         keep = neg.valid
         local = torch.arange(ids.shape[0], device=ids.device)
         if not keep.any():  # e.g. every caption of the batch describes one clip: no negatives
