@@ -2,21 +2,58 @@ import json
 
 import pytest
 
-from slit_lightning.bench import bench_feature_cache, bench_stage1_kv_reuse, main
+from slit_lightning.bench import (
+    bench_feature_cache,
+    bench_qformer_vs_instructblip,
+    bench_stage1_kv_reuse,
+    bench_stage2_step,
+    main,
+)
+from slit_lightning.bench.measure import count_flops, matmul_peak
 
 
 def test_reused_and_recomputed_audio_kv_give_the_same_losses():
-    result = bench_stage1_kv_reuse("tiny", frames=20, batch_size=4)
+    result = bench_stage1_kv_reuse("tiny", frames=20, batch_size=4, peak_flops=1e12)
     assert result["same_losses"], result
     assert result["ours_s"] > 0 and result["blip2_style_s"] > 0
+    # the reference projects the audio for 4B rows and the vocabulary at every text position
+    assert result["flop_per_step_blip2_style"] > result["flop_per_step_ours"] > 0
+    assert result["mfu_ours"] > 0 and result["samples_per_s"] == pytest.approx(
+        4 / result["ours_s"], rel=0.01
+    )
 
 
-def test_bench_writes_json(tmp_path):
+def test_flop_count_of_a_matmul_and_a_positive_peak():
+    import torch
+
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    assert matmul_peak(size=64, repeats=1) > 0
+
+
+def test_our_qformer_matches_instructblip_outputs_in_the_comparison():
+    result = bench_qformer_vs_instructblip(
+        "tiny", frames=12, batch_size=3, text_len=5, num_queries=4
+    )
+    assert result["same_outputs"] and result["max_output_difference"] < 1e-4
+    assert result["ours_s"] > 0 and result["instructblip_s"] > 0
+
+
+def test_stage2_step_bench_reports_throughput_and_memory():
+    result = bench_stage2_step("tiny", frames=12, batch_size=2, peak_flops=1e12)
+    assert result["step_s"] > 0 and result["samples_per_s"] > 0
+    assert result["flop_per_step"] > 0 and result["mfu"] > 0
+    assert result["trainable_parameters"] > 0 and result["peak_memory_mib"] >= 0
+
+
+def test_bench_writes_json(tmp_path, capsys):
     main(["--preset", "tiny", "--frames", "12", "--out", str(tmp_path / "b.json"),
           "--cache_clips", "3", "--cache_seconds", "0.5"])  # fmt: skip
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["device"] and report["results"][0]["name"] == "stage1_step_kv_reuse_T12"
-    assert report["feature_cache"]["clips"] == 3
+    assert report["feature_cache"]["clips"] == 3 and report["matmul_peak_tflops"] > 0
+    assert report["stage2"][0]["name"] == "stage2_step_T12" and report["qformer"]["same_outputs"]
+    assert "InstructBlipQFormerModel" in capsys.readouterr().out
 
 
 def test_feature_cache_bench_times_both_input_paths():

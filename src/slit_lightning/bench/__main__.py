@@ -1,0 +1,3 @@
+from slit_lightning.bench import main
+
+main()

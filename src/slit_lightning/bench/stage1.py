@@ -1,0 +1,155 @@
+"""Stage-1 step: ours against the same step done the way BLIP-2's reference code does it.
+
+Ours projects each clip's cross-attention keys/values once per step and reuses them in every
+pass, and applies the vocabulary projection of the generation loss only where a label is. The
+reference projects the audio again for each matching pass (B rows for the query pass plus 3B for
+matching) and computes vocabulary logits at every text position, as BLIP-2's ``Blip2Qformer``
+does. Same weights, inputs and sampled hard negatives: both must give the same losses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slit_lightning.bench.measure import count_flops, interleaved, peak_memory
+from slit_lightning.losses import generation_loss, labels_from_ids
+from slit_lightning.qformer import AudioKV
+from slit_lightning.stages import Stage1
+
+PRESETS = {
+    "tiny": {"layers": 2, "width": 32, "heads": 4, "steps": 1, "audio_width": 64},  # tests
+    "small": {"layers": 4, "width": 256, "heads": 4, "steps": 5, "audio_width": 768},
+    "realistic": {"layers": 12, "width": 768, "heads": 12, "steps": 5, "audio_width": 768},
+}
+
+
+class FeatureStage1(Stage1):
+    """Stage 1 fed precomputed encoder features (``batch["feats"]``), for timing the Q-Former
+    side alone: the encoder is frozen and identical in both variants."""
+
+    def encode_audio(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["feats"], batch["frames"]
+
+
+class Blip2StyleStage1(FeatureStage1):
+    """The reference: keys/values projected per pass (``reuse_audio_kv=False``) and the
+    generation loss over logits of every text position."""
+
+    def _generation_loss(self, kv: AudioKV, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        text = self.qformer(audio_kv=kv, text_ids=ids, text_mask=mask, mode="causal").text
+        return generation_loss(self.qformer.lm_logits(text), labels_from_ids(ids, mask))
+
+
+def save_models(folder: Path, preset: dict[str, int], audio_width: int) -> Path:
+    """A random BERT of the preset's size (with the bert-base-uncased vocabulary) and a random
+    built-in encoder of width ``audio_width``, saved where the stages load them from."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
+    from slit_lightning.qformer import minilm_path
+
+    AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(folder / "bert")
+    bert = BertConfig(
+        hidden_size=preset["width"],
+        num_hidden_layers=preset["layers"],
+        num_attention_heads=preset["heads"],
+        intermediate_size=4 * preset["width"],
+    )
+    BertForMaskedLM(bert).save_pretrained(folder / "bert")
+    encoder = SmallAudioConfig(hidden_size=audio_width, num_hidden_layers=1, num_attention_heads=8)
+    SmallAudioModel(encoder).save_pretrained(folder / "encoder")
+    return folder
+
+
+def feature_batch(batch_size: int, frames: int, width: int, device: str) -> dict[str, Any]:
+    """Random encoder features and fixed captions (about 10 BERT tokens each)."""
+    return {
+        "feats": torch.randn(batch_size, frames, width, device=device),
+        "frames": torch.ones(batch_size, frames, dtype=torch.bool, device=device),
+        "caption": [f"caption number {i} with a few more words" for i in range(batch_size)],
+        "clip_key": torch.arange(batch_size, device=device),
+    }
+
+
+def _record_losses(model: Stage1) -> dict[str, float]:
+    """Route the stage's logging into a dict (no Trainer here)."""
+    record: dict[str, float] = {}
+    model.log_dict = lambda values, **_: record.update(  # type: ignore[method-assign]
+        {k: float(v.detach()) for k, v in values.items()}
+    )
+    model.log = lambda *_, **__: None  # type: ignore[method-assign]
+    return record
+
+
+def _stepper(model: Stage1, batch: dict[str, Any]) -> Any:
+    """One forward + backward + AdamW step (hard negatives from the stage's per-step seed)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
+
+    def step() -> None:
+        model.training_step(batch, 0).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _forward_backward_flops(model: Stage1, batch: dict[str, Any]) -> int:
+    flops = count_flops(lambda: model.training_step(batch, 0).backward())
+    model.zero_grad(set_to_none=True)
+    return flops
+
+
+def bench_stage1_kv_reuse(
+    preset: str, frames: int, batch_size: int = 8, peak_flops: float | None = None
+) -> dict[str, Any]:
+    """Ours vs BLIP-2-style stage-1 step at ``frames`` audio frames; throughput, memory, MFU."""
+    sizes = PRESETS[preset]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_models(Path(tmp), sizes, audio_width=sizes["audio_width"])
+        common = {"num_queries": 32, "max_text_len": 32, "qformer_dropout": 0.0}
+        ours = FeatureStage1(str(folder / "encoder"), str(folder / "bert"), **common)
+        reference = Blip2StyleStage1(
+            str(folder / "encoder"), str(folder / "bert"), reuse_audio_kv=False, **common
+        )
+    reference.load_state_dict(ours.state_dict())
+    batch = feature_batch(batch_size, frames, sizes["audio_width"], device)
+    models = [ours.to(device).train(), reference.to(device).train()]
+    records = [_record_losses(m) for m in models]
+    losses = []
+    for model, record in zip(models, records, strict=True):
+        model.training_step(batch, 0)  # same weights, same per-step negatives: same losses
+        losses.append([record[f"train/loss_{k}"] for k in ("atc", "atm", "atg")])
+    flops = [_forward_backward_flops(m, batch) for m in models]
+    steps = [_stepper(m, batch) for m in models]
+    ours_s, ref_s = interleaved(steps, sizes["steps"])
+    with peak_memory() as memory:
+        steps[0]()
+    same = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(*losses, strict=True))
+    result = {
+        "name": f"stage1_step_kv_reuse_T{frames}",
+        "preset": preset,
+        "batch": batch_size,
+        "frames": frames,
+        "ours_s": round(ours_s, 4),
+        "blip2_style_s": round(ref_s, 4),
+        "speedup": round(ref_s / ours_s, 3),
+        "losses_ours": losses[0],
+        "losses_blip2_style": losses[1],
+        "same_losses": same,
+        "samples_per_s": round(batch_size / ours_s, 3),
+        "peak_memory_mib": round(memory["peak_mib"], 1),
+        "memory_kind": memory["kind"],
+        "flop_per_step_ours": flops[0],
+        "flop_per_step_blip2_style": flops[1],
+    }
+    if peak_flops:
+        result["mfu_ours"] = round(flops[0] / ours_s / peak_flops, 3)
+        result["mfu_blip2_style"] = round(flops[1] / ref_s / peak_flops, 3)
+    return result
