@@ -382,7 +382,7 @@ class SLIT:
 
         Example: ``model.classify("x.wav", ["dog", "rain"])`` ->
         ``Classification(label='rain', scores={'dog': 0.08, 'rain': 0.92})``."""
-        labels = _check_labels(labels)
+        labels = parse_labels(labels)
         if method == "auto":
             method = "contrastive" if self.heads is not None else "generative"
         if method == "contrastive":
@@ -514,7 +514,8 @@ def _as_items(audio: Audio) -> list[Any]:
     )
 
 
-def _check_labels(labels: Sequence[str]) -> list[str]:
+def parse_labels(labels: str | Sequence[str]) -> list[str]:
+    """Labels as a list (a string is split at commas), stripped; two or more, distinct."""
     if isinstance(labels, str):
         labels = [lab.strip() for lab in labels.split(",")]
     out = [lab.strip() for lab in labels if lab and lab.strip()]
