@@ -32,10 +32,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
-from slit_lightning.api import SLIT, ContrastiveHeads, TextGenerator
+from slit_lightning.api import SLIT
 from slit_lightning.atomic import save_folder_atomic
 from slit_lightning.encoders import HFAudioEncoder
 from slit_lightning.llm import FrozenLLM, Generation
+from slit_lightning.parts import ContrastiveHeads, TextGenerator
 from slit_lightning.qformer import QFormer, QFormerConfig
 
 log = logging.getLogger(__name__)

@@ -228,6 +228,8 @@ def _embed(
     """Embed ``todo`` in batches; unreadable files go to ``report.skipped``."""
     heads = model.heads
     assert heads is not None
+    if progress is not None:
+        progress(0, len(todo))
     for start in range(0, len(todo), model.batch_size):
         waves, kept = [], []
         for path, entry in todo[start : start + model.batch_size]:

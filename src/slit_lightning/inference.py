@@ -19,7 +19,8 @@ from slit_lightning.stages import Instruct, SLITStage, Stage1, Stage2
 from slit_lightning.stages.base import CheckpointError
 
 if TYPE_CHECKING:
-    from slit_lightning.api import SLIT, ContrastiveHeads, TextGenerator
+    from slit_lightning.api import SLIT
+    from slit_lightning.parts import ContrastiveHeads, TextGenerator
 
 
 def load_stage(
@@ -179,7 +180,7 @@ def load_slit(
 
 
 def _heads(stage: Stage1) -> ContrastiveHeads:
-    from slit_lightning.api import ContrastiveHeads
+    from slit_lightning.parts import ContrastiveHeads
 
     hp = stage.hparams
     return ContrastiveHeads(
@@ -194,7 +195,7 @@ def _heads(stage: Stage1) -> ContrastiveHeads:
 
 
 def _generator(stage: Stage2) -> TextGenerator:
-    from slit_lightning.api import TextGenerator
+    from slit_lightning.parts import TextGenerator
 
     instructed = isinstance(stage, Instruct)
     return TextGenerator(
