@@ -1,5 +1,6 @@
 """`slit export`: the folder loads without Lightning and gives what the checkpoint gives."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -114,3 +115,16 @@ def test_export_refuses_a_used_folder_and_a_changed_frozen_part(
     assert SLIT.from_pretrained(out, "cpu").identity == model.identity
     with pytest.raises(ExportError, match="not an exported model"):
         SLIT.from_pretrained(tmp_path / "not_export", "cpu")
+
+
+def test_caption_and_ask_take_an_exported_folder(exported, tmp_path, capsys):
+    clips = [write_tone(tmp_path / "a.wav", 350, 0.8), write_tone(tmp_path / "b.mp3", 900, 1.2)]
+    main(["caption", *map(str, clips), "--ckpt", str(exported), "--max_new_tokens", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    model = SLIT.from_pretrained(exported, "cpu")
+    settings = dataclasses.replace(model.generator.generation, max_new_tokens=3)
+    assert lines == [
+        f"{c}\t{t}" for c, t in zip(clips, model.caption(clips, settings=settings), strict=True)
+    ]
+    main(["ask", str(clips[1]), "How many beeps?", "--ckpt", str(exported)])
+    assert capsys.readouterr().out.strip() == model.answer(clips[1], "How many beeps?")

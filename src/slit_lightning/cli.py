@@ -250,7 +250,7 @@ def caption_parser() -> Any:
     )
     parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
     parser.add_argument("--batch_size", type=int, default=8)
-    _model_arguments(parser, "stage-2 (or instruction-tuned) checkpoint (.ckpt)")
+    _model_arguments(parser, "stage-2 (or instruction-tuned) checkpoint (.ckpt) or exported folder")
     return parser
 
 
@@ -290,9 +290,21 @@ def _model_arguments(parser: Any, what: str) -> None:
 
 
 def _generating_model(cfg: Any) -> tuple[Any, float | None, Any]:
-    """The checkpoint of ``--ckpt`` that generates text, its crop and decoding settings."""
+    """The checkpoint (or exported folder) of ``--ckpt`` that generates text, its crop and
+    decoding settings."""
+    from pathlib import Path
+
     from slit_lightning.inference import load_stage2, training_crop_seconds
 
+    if Path(cfg.ckpt).is_dir():
+        from slit_lightning.cli_api import ExportedGenerator
+
+        exported = ExportedGenerator(cfg.ckpt, cfg.device)
+        return (
+            exported,
+            cfg.max_seconds or exported.max_seconds,
+            _generation_settings(exported, cfg),
+        )
     model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
     # clips are cut as in training unless --max_seconds says otherwise
     crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
@@ -317,7 +329,7 @@ def ask_parser() -> Any:
     )
     parser.add_argument("file", help="audio file (wav, flac, ogg, mp3, ...)")
     parser.add_argument("question", help='e.g. "How many beeps are there?"')
-    _model_arguments(parser, "instruction-tuned (or stage-2) checkpoint")
+    _model_arguments(parser, "instruction-tuned (or stage-2) checkpoint or exported folder")
     return parser
 
 

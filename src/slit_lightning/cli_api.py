@@ -188,3 +188,35 @@ def index_command(argv: list[str]) -> None:
     model = _load(sub, sub.ckpt or load["path"])
     for hit in search(model, index, sub.query, sub.top):
         print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.path}")
+
+
+# ---------------------------------------------------------------------- slit caption / ask
+
+
+class ExportedGenerator:
+    """An exported folder's generating part behind the batch interface ``slit caption`` and
+    ``slit ask`` drive (the stage modules' ``caption(batch)`` / ``answer(batch, ...)``)."""
+
+    def __init__(self, folder: str, device: str) -> None:
+        from slit_lightning.api import SLIT
+
+        self.model = SLIT.from_pretrained(folder, device)
+        self.generator = self.model._need_generator("slit caption / slit ask")
+        self.encoder, self.generation = self.model.encoder, self.generator.generation
+        self.max_seconds = self.model.max_seconds
+
+    @property
+    def device(self) -> Any:
+        return self.model.device
+
+    def caption(self, batch: dict[str, Any], settings: Any = None) -> list[str]:
+        feats, frames = self.encoder(batch["audio"], batch["audio_mask"])
+        return self.generator.caption(feats, frames, settings)
+
+    def answer(
+        self, batch: dict[str, Any], instructions: list[str], rows: Any = None, settings: Any = None
+    ) -> list[str]:
+        feats, frames = self.encoder(batch["audio"], batch["audio_mask"])
+        if rows is not None:  # the i-th instruction is about clip rows[i]
+            feats, frames = feats[rows], frames[rows]
+        return self.generator.answer(feats, frames, instructions, settings)
