@@ -186,3 +186,51 @@ def tiny_llm_factory(tmp_path_factory):
         return made[kind]
 
     return make
+
+
+def _save_stage(model, path: Path, max_seconds: float = 1.0) -> Path:
+    """A stage's checkpoint as Lightning writes it (frozen parts by reference)."""
+    import lightning
+    import torch
+
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "datamodule_hyper_parameters": {"max_seconds": max_seconds},
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stage_checkpoints(tiny_encoder, tiny_bert, tiny_llm_factory, tmp_path_factory):
+    """Tiny random checkpoints of the three stages, chained by ``init_from``:
+    ``{"stage1": path, "stage2": path, "instruct": path, "other_stage1": path}`` (the last one
+    differs from ``stage1`` in its weights only)."""
+    import torch
+
+    from slit_lightning.llm import Generation
+    from slit_lightning.stages import Instruct, Stage1, Stage2
+
+    folder = tmp_path_factory.mktemp("stages")
+    sizes = {"num_queries": 4, "qformer_layers": 2}
+    paths = {}
+    for name, seed in (("stage1", 1), ("other_stage1", 2)):
+        torch.manual_seed(seed)
+        stage1 = Stage1(
+            str(tiny_encoder), str(tiny_bert), embed_dim=16, text_pooling="mean", **sizes
+        )
+        paths[name] = _save_stage(stage1, folder / f"{name}.ckpt")
+    shared = {"generation": Generation(max_new_tokens=4), **sizes}
+    llm = str(tiny_llm_factory("llama"))
+    torch.manual_seed(3)
+    stage2 = Stage2(str(tiny_encoder), str(tiny_bert), llm, str(paths["stage1"]), **shared)
+    with torch.no_grad():  # as if trained: its Q-Former is no longer stage 1's
+        stage2.qformer.query_tokens.add_(0.5 * torch.randn_like(stage2.qformer.query_tokens))
+    paths["stage2"] = _save_stage(stage2, folder / "stage2.ckpt")
+    torch.manual_seed(4)
+    instruct = Instruct(str(tiny_encoder), str(tiny_bert), llm, str(paths["stage2"]), **shared)
+    paths["instruct"] = _save_stage(instruct, folder / "instruct.ckpt")
+    return paths

@@ -12,7 +12,9 @@ YAML can interpolate and several ``--config`` files compose). The other sub-comm
 - ``slit caption FILE... --ckpt PATH`` prints a caption for each audio file;
 - ``slit ask FILE QUESTION --ckpt PATH`` answers a question (any instruction) about a file;
 - ``slit eval --ckpt PATH...`` runs the evaluation suite (retrieval, zero-shot classification,
-  captioning, QA, tagging) on a split or on labelled data, as one table plus JSON/TensorBoard.
+  captioning, QA, tagging) on a split or on labelled data, as one table plus JSON/TensorBoard;
+- ``slit classify``, ``slit export``, ``slit index build|search``: the Python API's commands
+  (:mod:`slit_lightning.cli_api`).
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ import logging
 import sys
 from typing import Any
 
+from slit_lightning.api import CapabilityError
 from slit_lightning.data.skips import TooManySkipsError
 from slit_lightning.data.sources import DataConfigError
 from slit_lightning.encoders import EncoderConfigError
+from slit_lightning.export import ExportError
+from slit_lightning.index import SearchIndexError
 from slit_lightning.llm import LLMConfigError
 from slit_lightning.metrics.captioning import JavaNotFoundError
 from slit_lightning.stages.base import CheckpointError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+API_COMMANDS = ("classify", "export", "index")
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
@@ -244,7 +250,7 @@ def caption_parser() -> Any:
     )
     parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
     parser.add_argument("--batch_size", type=int, default=8)
-    _model_arguments(parser, "stage-2 (or instruction-tuned) checkpoint (.ckpt)")
+    _model_arguments(parser, "stage-2 (or instruction-tuned) checkpoint (.ckpt) or exported folder")
     return parser
 
 
@@ -284,9 +290,21 @@ def _model_arguments(parser: Any, what: str) -> None:
 
 
 def _generating_model(cfg: Any) -> tuple[Any, float | None, Any]:
-    """The checkpoint of ``--ckpt`` that generates text, its crop and decoding settings."""
+    """The checkpoint (or exported folder) of ``--ckpt`` that generates text, its crop and
+    decoding settings."""
+    from pathlib import Path
+
     from slit_lightning.inference import load_stage2, training_crop_seconds
 
+    if Path(cfg.ckpt).is_dir():
+        from slit_lightning.cli_api import ExportedGenerator
+
+        exported = ExportedGenerator(cfg.ckpt, cfg.device)
+        return (
+            exported,
+            cfg.max_seconds or exported.max_seconds,
+            _generation_settings(exported, cfg),
+        )
     model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
     # clips are cut as in training unless --max_seconds says otherwise
     crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
@@ -311,7 +329,7 @@ def ask_parser() -> Any:
     )
     parser.add_argument("file", help="audio file (wav, flac, ogg, mp3, ...)")
     parser.add_argument("question", help='e.g. "How many beeps are there?"')
-    _model_arguments(parser, "instruction-tuned (or stage-2) checkpoint")
+    _model_arguments(parser, "instruction-tuned (or stage-2) checkpoint or exported folder")
     return parser
 
 
@@ -440,6 +458,10 @@ def main(argv: list[str] | None = None) -> None:
             ask_command(argv[1:])
         elif argv[0] == "eval":
             eval_command(argv[1:])
+        elif argv[0] in API_COMMANDS:
+            from slit_lightning import cli_api
+
+            getattr(cli_api, f"{argv[0]}_command")(argv[1:])
         else:
             known = ", ".join(
                 (
@@ -450,6 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                     "caption",
                     "ask",
                     "eval",
+                    *API_COMMANDS,
                 )
             )
             raise SystemExit(f"slit: unknown command {argv[0]!r}; commands: {known}")
@@ -460,6 +483,9 @@ def main(argv: list[str] | None = None) -> None:
         EncoderConfigError,
         CheckpointError,
         JavaNotFoundError,
+        CapabilityError,
+        ExportError,
+        SearchIndexError,
     ) as err:
         # A user's data problem: one line that names the files and the fix, no traceback.
         raise SystemExit(f"slit: {err}") from None

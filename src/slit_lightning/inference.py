@@ -9,7 +9,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,10 @@ from slit_lightning.data.audio import AudioError, crop, load_audio, pad_batch, s
 from slit_lightning.llm import Generation
 from slit_lightning.stages import Instruct, SLITStage, Stage1, Stage2
 from slit_lightning.stages.base import CheckpointError
+
+if TYPE_CHECKING:
+    from slit_lightning.api import SLIT
+    from slit_lightning.parts import ContrastiveHeads, TextGenerator
 
 
 def load_stage(
@@ -131,3 +135,76 @@ def _caption(model: Stage2, waves: list[torch.Tensor], settings: Generation | No
     audio, mask = pad_batch(waves)
     batch = {"audio": audio.to(model.device), "audio_mask": mask.to(model.device)}
     return model.caption(batch, settings)
+
+
+def load_slit(
+    ckpt: str | Path,
+    device: str = "cpu",
+    stage1: str | Path | None = None,
+    encoder: str | None = None,
+    llm: str | None = None,
+) -> SLIT:
+    """A training checkpoint as a :class:`~slit_lightning.api.SLIT` (plain modules, no
+    LightningModule kept); ``stage1`` adds a stage-1 checkpoint's contrastive heads to a
+    stage-2 / instruction-tuned one. Use ``SLIT.from_pretrained``, which calls this."""
+    from slit_lightning.api import SLIT
+
+    stage = load_stage(ckpt, device, encoder, llm)
+    hp = stage.hparams
+    origin: dict[str, Any] = {
+        "source": str(ckpt),
+        "encoder": encoder or hp.encoder,
+        "encoder_layer": hp.encoder_layer,
+    }
+    heads = generator = None
+    if isinstance(stage, Stage1):
+        heads = _heads(stage)
+    else:
+        assert isinstance(stage, Stage2)
+        generator = _generator(stage)
+        origin |= {"llm": llm or hp.llm, "llm_dtype": hp.llm_dtype}
+        origin["trust_remote_code"] = hp.trust_remote_code
+    if stage1 is not None:
+        if heads is not None:
+            raise CheckpointError(f"{ckpt} is a stage-1 checkpoint already; leave out stage1")
+        first = load_stage(stage1, device, encoder or hp.encoder)
+        if not isinstance(first, Stage1):
+            raise CheckpointError(f"stage1={stage1} is not a stage-1 checkpoint")
+        if first.encoder.identity != stage.encoder.identity:
+            raise CheckpointError(
+                f"{stage1} was trained on encoder {first.encoder.identity!r} but {ckpt} on"
+                f" {stage.encoder.identity!r}: give the stage-1 checkpoint of the same run"
+            )
+        heads, origin["stage1"] = _heads(first), str(stage1)
+    return SLIT(stage.encoder, heads, generator, training_crop_seconds(ckpt), origin)
+
+
+def _heads(stage: Stage1) -> ContrastiveHeads:
+    from slit_lightning.parts import ContrastiveHeads
+
+    hp = stage.hparams
+    return ContrastiveHeads(
+        stage.qformer,
+        stage.audio_proj,
+        stage.text_proj,
+        float(stage.temperature.detach().clamp(0.001, 0.5)),
+        stage.tokenizer,
+        hp.text_pooling,
+        hp.max_text_len,
+    )
+
+
+def _generator(stage: Stage2) -> TextGenerator:
+    from slit_lightning.parts import TextGenerator
+
+    instructed = isinstance(stage, Instruct)
+    return TextGenerator(
+        stage.qformer,
+        stage.llm_proj,
+        stage.llm,
+        instructed,
+        tokenizer=stage.tokenizer if instructed else None,
+        prompt=stage.hparams.prompt,
+        max_instruction_len=stage.hparams.max_instruction_len if instructed else None,
+        generation=stage.generation,
+    )

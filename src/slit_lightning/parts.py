@@ -1,0 +1,156 @@
+"""The plain modules a :class:`~slit_lightning.api.SLIT` holds besides the frozen encoder.
+
+- :class:`ContrastiveHeads`: stage 1's Q-Former with its projections into the shared space
+  (embeddings, similarity, search, contrastive classification);
+- :class:`TextGenerator`: a stage-2 or instruction-tuned Q-Former, the projection and the frozen
+  LLM (captions, answers, generative classification).
+
+They repeat the few lines of the stage modules' forward passes that inference needs, so that an
+exported model runs without the LightningModules; tests compare them with the stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slit_lightning.instructions import TASKS
+from slit_lightning.llm import FrozenLLM, Generation
+from slit_lightning.qformer import QFormer
+
+CAPTION_INSTRUCTION = TASKS["caption"][0][0]  # what instruction tuning trained captions with
+CLASSIFY_INSTRUCTION = TASKS["classify"][0][0]
+
+
+class ContrastiveHeads(nn.Module):
+    """Stage 1's contrastive path: queries -> ``audio_proj``, text -> ``text_proj``, both
+    L2-normalised in the shared space of width ``E``.
+
+    Args:
+        qformer: the stage-1 Q-Former.
+        audio_proj, text_proj: ``Linear(H, E)`` into the shared space.
+        temperature: the learned contrastive temperature (turns similarities into probabilities).
+        tokenizer: the Q-Former's (BERT) tokenizer.
+        text_pooling: ``cls`` or ``mean``, as stage 1 was trained.
+        max_text_len: texts are cut to this many tokens.
+    """
+
+    def __init__(
+        self,
+        qformer: QFormer,
+        audio_proj: nn.Linear,
+        text_proj: nn.Linear,
+        temperature: float,
+        tokenizer: Any,
+        text_pooling: str,
+        max_text_len: int,
+    ) -> None:
+        super().__init__()
+        self.qformer, self.audio_proj, self.text_proj = qformer, audio_proj, text_proj
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.tokenizer, self.text_pooling, self.max_text_len = tokenizer, text_pooling, max_text_len
+
+    def audio(self, feats: Tensor, frames: Tensor) -> Tensor:
+        """Encoder features ``(B, T, D)`` + mask ``(B, T)`` -> ``(B, N, E)`` query embeddings."""
+        kv = self.qformer.audio_keys_values(feats, frames)
+        queries = self.qformer(audio_kv=kv, mode="unimodal").query
+        return F.normalize(self.audio_proj(queries), dim=-1)
+
+    def text(self, texts: list[str]) -> Tensor:
+        """``T`` texts -> ``(T, E)`` embeddings ([CLS] or mean of tokens, as trained)."""
+        device = self.text_proj.weight.device
+        tokens = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.max_text_len,
+            return_tensors="pt",
+        )  # fmt: skip
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        text = self.qformer(text_ids=ids, text_mask=mask, use_queries=False).text
+        if self.text_pooling == "cls":
+            pooled = text[:, 0]
+        else:
+            weights = mask[..., None].to(text.dtype)
+            pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+
+class TextGenerator(nn.Module):
+    """A stage-2 or instruction-tuned Q-Former feeding the frozen LLM through ``llm_proj``.
+
+    Args:
+        qformer: the Q-Former (stage 2's or instruction tuning's).
+        llm_proj: ``Linear(H, W)`` to the LLM's width.
+        llm: the frozen LLM with its tokenizer.
+        instructed: the queries read the instruction (instruction tuning) or not (stage 2).
+        tokenizer: the Q-Former's tokenizer (needed when ``instructed``).
+        prompt: stage 2's text prompt before a caption.
+        max_instruction_len: instructions are cut to this many Q-Former tokens (when
+            ``instructed``).
+        generation: default decoding settings.
+    """
+
+    def __init__(
+        self,
+        qformer: QFormer,
+        llm_proj: nn.Linear,
+        llm: FrozenLLM,
+        instructed: bool,
+        tokenizer: Any = None,
+        prompt: str = "",
+        max_instruction_len: int | None = None,
+        generation: Generation | None = None,
+    ) -> None:
+        super().__init__()
+        self.qformer, self.llm_proj, self.llm = qformer, llm_proj, llm
+        self.instructed, self.tokenizer, self.prompt = instructed, tokenizer, prompt
+        self.max_instruction_len = max_instruction_len
+        self.generation = generation or Generation()
+        if instructed and (tokenizer is None or max_instruction_len is None):
+            raise ValueError(
+                "an instruction-tuned generator needs the Q-Former's tokenizer and"
+                " max_instruction_len"
+            )
+
+    def soft_prompt(self, feats: Tensor, frames: Tensor, instructions: list[str]) -> Tensor:
+        """``(B, T, D)`` features -> ``(B, N, W)`` LLM inputs; instruction tuning's queries read
+        ``instructions`` (one per clip), stage 2's do not."""
+        kv = self.qformer.audio_keys_values(feats, frames)
+        if not self.instructed:
+            return self.llm_proj(self.qformer(audio_kv=kv, mode="unimodal").query)
+        device = self.llm_proj.weight.device
+        tokens = self.tokenizer(
+            instructions, padding="longest", truncation=True,
+            max_length=self.max_instruction_len, return_tensors="pt",
+        )  # fmt: skip
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        out = self.qformer(audio_kv=kv, text_ids=ids, text_mask=mask, mode="instruction")
+        return self.llm_proj(out.query)
+
+    def answer(
+        self, feats: Tensor, frames: Tensor, instructions: list[str], settings: Generation | None
+    ) -> list[str]:
+        """One generated answer per clip; the instruction is also the LLM's text prompt."""
+        soft = self.soft_prompt(feats, frames, instructions)
+        return self.llm.generate(soft, instructions, settings or self.generation)
+
+    def caption(self, feats: Tensor, frames: Tensor, settings: Generation | None) -> list[str]:
+        """One caption per clip: stage 2 after its prompt, instruction tuning when asked to."""
+        if self.instructed:
+            return self.answer(feats, frames, [CAPTION_INSTRUCTION] * len(feats), settings)
+        soft = self.soft_prompt(feats, frames, [])
+        return self.llm.generate(soft, [self.prompt] * len(feats), settings or self.generation)
+
+    def label_scores(self, feats: Tensor, frames: Tensor, labels: list[str]) -> Tensor:
+        """``(B, L)`` mean log-likelihood per token of each label as the LLM's answer (an
+        instruction-tuned model is asked its classification instruction; stage 2 reads the label
+        as a caption after its prompt)."""
+        prompt = CLASSIFY_INSTRUCTION if self.instructed else self.prompt
+        soft = self.soft_prompt(feats, frames, [prompt] * len(feats))
+        scores = torch.empty(len(feats), len(labels))
+        for b in range(len(feats)):
+            for j, label in enumerate(labels):
+                # one pair per call: the LLM's loss is a mean over the whole batch's tokens
+                scores[b, j] = -self.llm.loss(soft[b : b + 1], [prompt], [label]).float()
+        return scores
