@@ -12,7 +12,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from slit_lightning.checkpointing import AtomicCheckpointIO, RecentCheckpoints
+from slit_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    RecentCheckpoints,
+)
 
 # A child that saves one checkpoint, then starts a second whose bytes stop halfway (as a slow disk
 # would), says so through a marker file and waits to be killed.
@@ -133,3 +138,75 @@ def test_slit_fit_writes_checkpoints_through_the_atomic_io(clip_dir, tmp_path):
             "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     cli = lightning_cli(args, run=False)
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+class _Poisoned(_Linear):
+    """Its loss is NaN (or inf) on the given global steps."""
+
+    def __init__(self, bad_steps, value=float("nan")):
+        super().__init__()
+        self.bad_steps, self.value = set(bad_steps), value
+        self.seen = {}
+
+    def training_step(self, batch, _):
+        loss = super().training_step(batch, _)
+        if self.global_step in self.bad_steps:
+            self.seen[self.global_step] = {k: v.clone() for k, v in self.state_dict().items()}
+            loss = loss * self.value
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+    def configure_callbacks(self):
+        return [NonFiniteGuard(max_consecutive=3)]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_step_leaves_weights_and_optimizer_alone_and_is_counted(tmp_path, value):
+    model = _Poisoned({2, 3}, value)
+    data = torch.utils.data.DataLoader(torch.randn(6, 3), batch_size=1)
+    trainer = _trainer(tmp_path, [], max_epochs=1, log_every_n_steps=1, enable_checkpointing=False)
+    states = {}
+    model.on_before_optimizer_step = lambda opt: states.setdefault(
+        model.global_step,
+        {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
+    )
+    trainer.fit(model, data)
+    # weights when step 4 began equal those at step 2: steps 2 and 3 changed nothing
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.isfinite(v).all() for v in after.values())
+    for key, value_at_2 in model.seen[2].items():
+        assert torch.equal(model.seen[3][key], value_at_2)
+    # AdamW's moments and step counts as step 4 began are those of step 2
+    assert len(states[2]) == 2 and states[2].keys() == states[4].keys()
+    for p, state in states[2].items():
+        assert all(
+            torch.equal(state[k], states[4][p][k]) for k in ("exp_avg", "exp_avg_sq", "step")
+        )
+    assert not all(torch.equal(states[4][p]["exp_avg"], states[5][p]["exp_avg"]) for p in states[4])
+    guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+    assert guard.skipped == 2 and guard.consecutive == 0
+    assert trainer.logged_metrics["train/skipped_nonfinite"] == 2
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_a_checkpoint_from_before(tmp_path):
+    model = _Poisoned({4, 5, 6, 7})
+    data = torch.utils.data.DataLoader(torch.randn(10, 3), batch_size=1)
+    ckpts = RecentCheckpoints(dirpath=str(tmp_path / "c"), every_n_train_steps=100)
+    trainer = _trainer(tmp_path, [ckpts], max_epochs=1)
+    with pytest.raises(NonFiniteLossError, match=r"3 training steps in a row \(steps 4 to 6\)"):
+        trainer.fit(model, data)
+    saved = torch.load(tmp_path / "c" / "before-nonfinite.ckpt", weights_only=True)
+    for key, good in model.seen[4].items():  # the weights as the first bad step found them
+        assert torch.equal(saved["state_dict"][key], good)
+    assert 7 not in model.seen  # it stopped at the third
+
+
+def test_every_stage_trains_with_the_guard(tiny_encoder, tiny_bert):
+    from slit_lightning.stages import Stage1
+
+    stage = Stage1(str(tiny_encoder), str(tiny_bert), num_queries=2, embed_dim=8,
+                   max_nonfinite_steps=7)  # fmt: skip
+    (guard,) = [c for c in stage.configure_callbacks() if isinstance(c, NonFiniteGuard)]
+    assert guard.max_consecutive == 7

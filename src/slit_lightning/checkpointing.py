@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
@@ -133,3 +134,93 @@ class RecentCheckpoints(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many training steps in a row had a NaN or infinite loss."""
+
+
+class NonFiniteGuard(Callback):
+    """Skip the optimiser step of a batch whose loss is NaN or infinite; stop after too many.
+
+    A skipped step leaves the weights and the optimiser's state as they were (the gradients are
+    dropped before the optimiser sees them); the learning-rate schedule and the step counter move
+    on. Skips are counted and logged as ``train/skipped_nonfinite``. ``max_consecutive`` skips in
+    a row stop the run with :class:`NonFiniteLossError`; the weights, still those from before the
+    first bad step, are written to ``before-nonfinite.ckpt`` in the checkpoint folder first.
+
+    Under DDP the ranks agree (one tiny all-reduce per step), so they all skip or all step. With
+    fp16 mixed precision, overflowing *gradients* of a finite loss are the gradient scaler's job
+    (it skips that step and lowers the scale) and are not counted here.
+
+    Args:
+        max_consecutive: non-finite steps in a row that stop the run.
+    """
+
+    def __init__(self, max_consecutive: int = 5) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be at least 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.skipped, self.consecutive = 0, 0
+        self._bad = False
+        self._first_bad_step: int | None = None
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            self._bad = True
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self._bad:
+            self.consecutive, self._first_bad_step = 0, None
+            return
+        self._bad = False
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None  # the optimiser passes over parameters without gradients
+        self.skipped += 1
+        self.consecutive += 1
+        if self._first_bad_step is None:
+            self._first_bad_step = trainer.global_step
+        log.warning(
+            "non-finite loss at step %d: step skipped (%d in a row, %d in all)",
+            trainer.global_step, self.consecutive, self.skipped,
+        )  # fmt: skip
+        if self.consecutive >= self.max_consecutive:
+            self._stop(trainer)
+
+    def _stop(self, trainer: Trainer) -> None:
+        folder = _checkpoint_folder(trainer)
+        path = folder / "before-nonfinite.ckpt"
+        trainer.save_checkpoint(path, weights_only=True)
+        raise NonFiniteLossError(
+            f"the loss was NaN or infinite in {self.consecutive} training steps in a row (steps"
+            f" {self._first_bad_step} to {trainer.global_step}), so training stopped. Those steps"
+            f" were skipped: {path} holds the weights from before them. Lower model.lr, check the"
+            " data of those steps, keep gradient_clip_val set, prefer bf16 to fp16, or raise"
+            " NonFiniteGuard's max_consecutive (model.max_nonfinite_steps)"
+        )
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if self.skipped:
+            pl_module.log("train/skipped_nonfinite", float(self.skipped), on_step=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive,
+                "first_bad_step": self._first_bad_step}  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped, self.consecutive = state_dict["skipped"], state_dict["consecutive"]
+        self._first_bad_step = state_dict.get("first_bad_step")
+
+
+def _checkpoint_folder(trainer: Trainer) -> Path:
+    callback = trainer.checkpoint_callback
+    dirpath = getattr(callback, "dirpath", None)
+    return Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"

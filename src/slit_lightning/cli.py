@@ -21,6 +21,7 @@ import logging
 import sys
 from typing import Any
 
+from slit_lightning.checkpointing import NonFiniteLossError
 from slit_lightning.data.skips import TooManySkipsError
 from slit_lightning.data.sources import DataConfigError
 from slit_lightning.encoders import EncoderConfigError
@@ -478,6 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         EncoderConfigError,
         CheckpointError,
         JavaNotFoundError,
+        NonFiniteLossError,
     ) as err:
         # A user's data problem: one line that names the files and the fix, no traceback.
         raise SystemExit(f"slit: {err}") from None

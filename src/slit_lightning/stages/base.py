@@ -8,10 +8,11 @@ import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from slit_lightning.checkpointing import NonFiniteGuard
 from slit_lightning.encoders import AudioEncoder, HFAudioEncoder
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class SLITStage(LightningModule):
         min_lr_ratio: floor of the cosine decay, relative to ``lr``.
         betas: AdamW betas.
         save_encoder_weights: also store the frozen encoder's weights in checkpoints.
+        max_nonfinite_steps: training steps with a NaN/inf loss are skipped; this many in a row
+            stop the run (see :class:`slit_lightning.checkpointing.NonFiniteGuard`).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class SLITStage(LightningModule):
         min_lr_ratio: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.999),
         save_encoder_weights: bool = False,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # the stage's own call merges its arguments into these
@@ -140,6 +144,10 @@ class SLITStage(LightningModule):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ optimisation
+
+    def configure_callbacks(self) -> list[Callback]:
+        # What every stage's training needs, whatever the trainer's configuration lists
+        return [NonFiniteGuard(self.hparams.max_nonfinite_steps)]
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
