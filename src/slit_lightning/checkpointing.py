@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -218,6 +220,59 @@ class NonFiniteGuard(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped, self.consecutive = state_dict["skipped"], state_dict["consecutive"]
         self._first_bad_step = state_dict.get("first_bad_step")
+
+
+class RNGState(Callback):
+    """Every rank's Python, NumPy, torch (and CUDA) random state in checkpoints; put back just
+    before the first training step after resuming, so dropout, hard-negative sampling and the
+    like draw what the uninterrupted run drew (Lightning itself does not store them)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        own = {
+            "python": random.getstate(),
+            "numpy": _numpy_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        ranks = [own]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, own)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ranks = state_dict.get("ranks") or []
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if len(ranks) > rank:
+            self._pending = ranks[rank]
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        random.setstate(_as_python_state(state["python"]))
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state() -> list[Any]:
+    """NumPy's global state as tensors and numbers (what ``weights_only`` loading accepts)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # type: ignore[misc]
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+
+
+def _as_python_state(state: Any) -> tuple[Any, ...]:
+    """``random.getstate()`` comes back from a checkpoint with lists where it had tuples."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
 
 
 def _checkpoint_folder(trainer: Trainer) -> Path:
