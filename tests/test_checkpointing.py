@@ -210,3 +210,16 @@ def test_every_stage_trains_with_the_guard(tiny_encoder, tiny_bert):
                    max_nonfinite_steps=7)  # fmt: skip
     (guard,) = [c for c in stage.configure_callbacks() if isinstance(c, NonFiniteGuard)]
     assert guard.max_consecutive == 7
+
+
+class _Payload:
+    """Anything that is not plain data: unpickling it would run code."""
+
+
+def test_checkpoints_are_read_as_data_only(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload()}, path)
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        AtomicCheckpointIO().load_checkpoint(path)
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(2)}, path)
+    assert torch.equal(AtomicCheckpointIO().load_checkpoint(path)["w"], torch.ones(2))

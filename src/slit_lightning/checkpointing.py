@@ -62,6 +62,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
         _fsync_folder(target.parent)
 
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Read with ``weights_only=True`` unless the caller asks otherwise: a checkpoint is data,
+        and unpickling arbitrary objects from a file runs code."""
+        return super().load_checkpoint(
+            path,
+            map_location=map_location,
+            weights_only=True if weights_only is None else weights_only,
+        )
+
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete temporary checkpoint files left by processes that no longer run."""
