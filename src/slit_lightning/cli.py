@@ -24,6 +24,7 @@ import sys
 from typing import Any
 
 from slit_lightning.api import CapabilityError
+from slit_lightning.checkpointing import NonFiniteLossError
 from slit_lightning.data.skips import TooManySkipsError
 from slit_lightning.data.sources import DataConfigError
 from slit_lightning.encoders import EncoderConfigError
@@ -45,8 +46,11 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
     import slit_lightning.stages  # noqa: F401  (lets `--model Stage1` name the stage classes)
     from slit_lightning.data.datamodule import AudioTextDataModule
 
+    class SlitCLI(_CrashSafeCheckpoints, LightningCLI):
+        pass
+
     register_resolvers()
-    return LightningCLI(
+    return SlitCLI(
         LightningModule,
         AudioTextDataModule,
         subclass_mode_model=True,
@@ -55,6 +59,21 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
         args=args,
         run=run,
     )
+
+
+class _CrashSafeCheckpoints:
+    """Mixin for LightningCLI: the trainer writes checkpoints crash-safely (temporary file, then
+    rename) unless the configuration names a checkpoint IO of its own."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        from slit_lightning.checkpointing import AtomicCheckpointIO
+
+        trainer = super().instantiate_trainer(**kwargs)  # type: ignore[misc]
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def register_resolvers() -> None:
@@ -486,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         CapabilityError,
         ExportError,
         SearchIndexError,
+        NonFiniteLossError,
     ) as err:
         # A user's data problem: one line that names the files and the fix, no traceback.
         raise SystemExit(f"slit: {err}") from None

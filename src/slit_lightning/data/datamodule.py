@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -45,20 +46,25 @@ class StreamLoader(DataLoader):
         ledger: SkipLedger,
         epoch: Callable[[], int],
         lockstep: bool = False,
+        consumed: Callable[[], int | None] = lambda: None,
         **kwargs: Any,
     ) -> None:
+        # the workers' base seed comes from the loader's own generator, not the global one, so
+        # starting an epoch draws nothing from the random numbers training uses
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.split, self.ledger, self.epoch, self.lockstep = split, ledger, epoch, lockstep
+        self.consumed = consumed
         self.dropped_in_lockstep = 0
         #: this epoch's skipped records so far (what the feature cache writer records)
         self.skips: list[Skip] = []
+        self._snapshots: deque[dict[str, Any]] = deque(maxlen=16)
+        self._resume: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        self.dataset.set_epoch(self.epoch())
-        self.ledger.reset()
-        self.dropped_in_lockstep = 0
-        self.skips = []
-        batches = self._counted(super().__iter__())
+        cycle = self._start_epoch()
+        batches = self._counted(cycle.run(super().__iter__()))
+        delivered = self._snapshots[-1]["batches"]
         while True:
             batch, state, error = _next(batches)
             if self.lockstep:
@@ -70,8 +76,80 @@ class StreamLoader(DataLoader):
                     self.dropped_in_lockstep = sum(len(b["clip_id"]) for b in rest)
                     self.ledger.used -= self.dropped_in_lockstep
                 break
+            delivered += 1
+            self._snapshot(delivered, cycle)
             yield batch
         self._finish()
+
+    # ------------------------------------------------------------------ resuming mid-epoch
+
+    def _start_epoch(self) -> _WorkerCycle:
+        """Set the dataset up for this epoch, from the position being resumed if it is in it."""
+        epoch = self.epoch()
+        self.dataset.set_epoch(epoch)
+        self.ledger.reset()
+        self.dropped_in_lockstep = 0
+        self.skips = []
+        workers = max(1, self.num_workers)
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == epoch and resume["workers"] != workers:
+            log.warning(
+                "%s: the checkpoint was taken with %d loader workers, this run has %d: epoch %d"
+                " starts over (set data.num_workers back to resume it exactly)",
+                self.split, resume["workers"], workers, epoch,
+            )  # fmt: skip
+            resume = None
+        self._snapshots.clear()
+        if resume is None or resume["epoch"] != epoch:
+            self.dataset.resume_from({})
+            cycle = _WorkerCycle(list(range(workers)))
+            self._snapshot(0, cycle, epoch)
+            return cycle
+        self.dataset.resume_from({int(w): n for w, n in resume["drawn"].items()})
+        self.ledger.load_state_dict(resume["ledger"])
+        cycle = _WorkerCycle(resume["order"], {int(w): n for w, n in resume["drawn"].items()})
+        self._snapshot(resume["batches"], cycle, epoch)
+        log.info("%s: epoch %d resumes after batch %d", self.split, epoch, resume["batches"])
+        return cycle
+
+    def _snapshot(self, batches: int, cycle: _WorkerCycle, epoch: int | None = None) -> None:
+        self._snapshots.append(
+            {
+                "epoch": self._snapshots[-1]["epoch"] if epoch is None else epoch,
+                "batches": batches,
+                "workers": max(1, self.num_workers),
+                "order": cycle.order(),
+                "drawn": dict(cycle.drawn),
+                "ledger": self.ledger.state_dict(),
+            }
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this epoch stands: after the batches the trainer has consumed (it fetches one
+        ahead), per rank. Lightning stores it in checkpoints and hands it back on resume."""
+        wanted = self.consumed()
+        own = next((s for s in reversed(self._snapshots) if s["batches"] == wanted), None)
+        if own is None and self._snapshots and wanted is None:
+            own = self._snapshots[-1]
+        if own is None and self._snapshots:
+            log.warning("%s: no data position for batch %s; a resume restarts the epoch",
+                        self.split, wanted)  # fmt: skip
+        ranks = [own]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, own)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state.get("ranks") or [None]
+        rank, world = self.dataset.rank, self.dataset.world_size
+        if len(ranks) != world:
+            log.warning(
+                "%s: the checkpoint was taken on %d ranks, this run has %d: the interrupted"
+                " epoch starts over", self.split, len(ranks), world,
+            )  # fmt: skip
+            return
+        self._resume = ranks[rank]
 
     def _stop_if_failed(self, state: int, error: TooManySkipsError | None) -> None:
         """Raise this rank's own error, or say that another rank failed (state agreed by all)."""
@@ -82,6 +160,7 @@ class StreamLoader(DataLoader):
 
     def _counted(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for batch in batches:
+            batch.pop("position", None)
             skipped = batch.pop("skipped")
             self.skips.extend(skipped)
             self.ledger.add(len(batch["clip_id"]), skipped)
@@ -109,6 +188,39 @@ class StreamLoader(DataLoader):
             if self.dropped_in_lockstep
             else "",
         )
+
+
+class _WorkerCycle:
+    """Batches in a fixed rotation over the loader's workers (skipping those that are done),
+    whatever order the DataLoader hands them over in: the order a resumed epoch must repeat.
+
+    ``drawn`` holds how many records each worker had drawn by its latest batch taken from here."""
+
+    def __init__(self, order: list[int], drawn: dict[int, int] | None = None) -> None:
+        self.active, self.next = list(order), 0
+        self.drawn = dict(drawn or {})
+
+    def order(self) -> list[int]:
+        """The workers still going, the one whose batch comes next first."""
+        return self.active[self.next :] + self.active[: self.next]
+
+    def run(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        pending: dict[int, deque[dict[str, Any]]] = defaultdict(deque)
+        while self.active:
+            worker = self.active[self.next]
+            while not pending[worker]:
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                pending[batch["position"][0]].append(batch)
+            batch = pending[worker].popleft()
+            self.drawn[worker] = batch["position"][1]
+            if batch.get("end"):
+                del self.active[self.next]
+                self.next = self.next % len(self.active) if self.active else 0
+                continue
+            self.next = (self.next + 1) % len(self.active)
+            yield batch
 
 
 # What a rank reports before each batch; the minimum over ranks decides for all.
@@ -305,6 +417,7 @@ class AudioTextDataModule(LightningDataModule):
             # Training steps all-reduce gradients, so ranks must run the same number of them;
             # evaluation keeps every clip (metrics are gathered, not stepped).
             lockstep=split == "train" and dataset.world_size > 1 and dist.is_initialized(),
+            consumed=lambda: self._consumed(split),
             num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
@@ -316,6 +429,12 @@ class AudioTextDataModule(LightningDataModule):
         epoch = self._epochs[split]
         self._epochs[split] += 1
         return epoch
+
+    def _consumed(self, split: str) -> int | None:
+        """Training batches the trainer has processed in this epoch (None outside a fit)."""
+        if self.trainer is None or split != "train":
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from slit_lightning.data.sources import Skip
 
@@ -66,6 +67,15 @@ class SkipLedger:
             for reason, count in self.reasons.most_common()
         ]
         return "; ".join(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"used": self.used, "reasons": dict(self.reasons),
+                "examples": {k: list(v) for k, v in self.examples.items()}}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.used = state["used"]
+        self.reasons = Counter(state["reasons"])
+        self.examples = {k: list(v) for k, v in state["examples"].items()}
 
     def reset(self) -> None:
         self.used = 0

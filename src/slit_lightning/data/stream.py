@@ -10,6 +10,13 @@ either way.
 Batching happens here (the DataLoader runs with ``batch_size=None``) so that records skipped for bad
 input never shrink a batch: they travel with the next batch as ``batch["skipped"]`` and are counted in
 the main process (see :class:`slit_lightning.data.skips.SkipLedger`).
+
+Resuming mid-epoch: every batch carries its worker and how many records that worker had drawn
+(``batch["position"]``); each worker ends with an empty batch that says so (``batch["end"]``).
+Handed such positions (:meth:`AudioTextStream.resume_from`), the workers of the same epoch skip the
+records already used without decoding them, and continue with the same order and the same random
+choices: a record's crop and caption pick depend only on the seed, epoch, rank, worker and its
+place in the worker's stream, not on what was decoded before it.
 """
 
 from __future__ import annotations
@@ -80,6 +87,13 @@ class AudioTextStream(IterableDataset):
         self.epoch, self.rank, self.world_size = 0, 0, 1
         #: loader workers per rank; only used to estimate the length
         self.loader_workers = 0
+        #: records each worker skips at the next ``iter`` (set by :meth:`resume_from`)
+        self.skip_records: dict[int, int] = {}
+
+    def resume_from(self, drawn: dict[int, int]) -> None:
+        """At the next ``iter``, worker ``w`` skips its first ``drawn[w]`` records (without
+        decoding them): the position of a checkpoint taken within this epoch."""
+        self.skip_records = dict(drawn)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (read when workers start, i.e. at the next ``iter``)."""
@@ -164,25 +178,45 @@ class AudioTextStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = self.worker_slot()
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
-        crop_gen = torch.Generator().manual_seed(rng.getrandbits(62)) if self.train else None
+        where = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
+        rng = random.Random(where)  # unit interleaving and the shuffle buffer only
         records: Iterable[Clip | Skip] = self.records(worker, workers, rng)
         if self.train and self.shuffle_buffer > 1:
             records = shuffled(records, self.shuffle_buffer, rng)
+        skip = self.skip_records.get(worker, 0)
         batch: list[dict[str, Any]] = []
         skipped: list[Skip] = []
-        for record in records:
-            sample = self.prepare(record, rng, crop_gen)
+        drawn = 0
+        for drawn, record in enumerate(records, start=1):
+            if drawn <= skip:
+                continue  # used before the checkpoint this run resumed from
+            sample = self.prepare(record, *self.record_randomness(where, drawn))
             if isinstance(sample, Skip):
                 log.warning("skipped %s: %s %s", sample.name, sample.reason, sample.detail)
                 skipped.append(sample)
                 continue
             batch.append(sample)
             if len(batch) == self.batch_size:
-                yield collate(batch, skipped, self.feature_identity)
+                yield self._tagged(collate(batch, skipped, self.feature_identity), worker, drawn)
                 batch, skipped = [], []
         if batch or skipped:
-            yield collate(batch, skipped, self.feature_identity)
+            yield self._tagged(collate(batch, skipped, self.feature_identity), worker, drawn)
+        end = self._tagged(collate([], [], self.feature_identity), worker, max(drawn, skip))
+        yield {**end, "end": True}
+
+    def record_randomness(
+        self, where: str, index: int
+    ) -> tuple[random.Random, torch.Generator | None]:
+        """The caption pick's and the crop's random sources for the ``index``-th record."""
+        if not self.train:
+            return random.Random(0), None
+        rng = random.Random(f"{where}/{index}")
+        return rng, torch.Generator().manual_seed(rng.getrandbits(62))
+
+    @staticmethod
+    def _tagged(batch: dict[str, Any], worker: int, drawn: int) -> dict[str, Any]:
+        batch["position"] = (worker, drawn)
+        return batch
 
     @property
     def feature_identity(self) -> str | None:
@@ -254,7 +288,7 @@ def collate(
     ``clip_key (B,)`` int64 (same value for captions of the same clip), and per-sample lists
     ``clip_id``, ``caption``, ``captions``, ``labels``, ``qa``, ``name``, ``fingerprint``; plus
     ``skipped``, the records dropped since the previous batch. ``B`` may be 0 when only skips are
-    left. Samples read from a feature cache give ``features (B, T, D)`` float16 and
+    left. The stream adds ``position`` (see the module's docstring). Samples read from a feature cache give ``features (B, T, D)`` float16 and
     ``feature_mask (B, T)`` instead of the audio, and ``feature_identity``, the encoder's identity.
     """
     batch: dict[str, Any] = {}

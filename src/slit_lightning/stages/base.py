@@ -8,10 +8,11 @@ import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from slit_lightning.checkpointing import NonFiniteGuard, RNGState
 from slit_lightning.encoders import AudioEncoder, HFAudioEncoder
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class SLITStage(LightningModule):
         min_lr_ratio: floor of the cosine decay, relative to ``lr``.
         betas: AdamW betas.
         save_encoder_weights: also store the frozen encoder's weights in checkpoints.
+        max_nonfinite_steps: training steps with a NaN/inf loss are skipped; this many in a row
+            stop the run (see :class:`slit_lightning.checkpointing.NonFiniteGuard`).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class SLITStage(LightningModule):
         min_lr_ratio: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.999),
         save_encoder_weights: bool = False,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # the stage's own call merges its arguments into these
@@ -141,6 +145,10 @@ class SLITStage(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
 
+    def configure_callbacks(self) -> list[Callback]:
+        # What every stage's training needs, whatever the trainer's configuration lists
+        return [NonFiniteGuard(self.hparams.max_nonfinite_steps), RNGState()]
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         decay, no_decay = [], []
@@ -157,20 +165,33 @@ class SLITStage(LightningModule):
             lr=hp.lr,
             betas=tuple(hp.betas),
         )
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
-            raise ValueError(
-                "the learning-rate schedule needs the run's length, and the training data's length"
-                " is unknown (streamed shards): set trainer.max_steps"
-            )
-        total = int(total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        if self.trainer.ckpt_path is None:
+            # a fresh run learns its length (and fails on an unknown one) now; a resumed run
+            # must not, since reading the data this early would start before the checkpoint's
+            # data position is restored (the schedule asks once warm-up is over)
+            self._run_length()
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "step"},
         }
+
+    def _lr_factor(self, step: int) -> float:
+        hp = self.hparams
+        total = self._run_length() if step > hp.warmup_steps else hp.warmup_steps
+        return warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+
+    def _run_length(self) -> int:
+        """Optimiser steps of the whole run (what the cosine decay spans)."""
+        if getattr(self, "_total_steps", None) is None:
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total) or total <= 0:
+                raise ValueError(
+                    "the learning-rate schedule needs the run's length, and the training data's"
+                    " length is unknown (streamed shards): set trainer.max_steps"
+                )
+            self._total_steps = int(total)
+        return self._total_steps
 
     # ------------------------------------------------------------------ checkpoints
 
