@@ -11,10 +11,14 @@ metrics) and what Lightning's ``LearningRateMonitor`` logs (the learning rate) a
 - for the first ``num_clips`` clips of the validation (and test) split: the audio (once), the
   generated caption next to the references (text), and the queries' cross-attention over time
   (an image: one band per cross-attention layer, top to bottom, one row per query, time left to
-  right, each row scaled to its own peak);
+  right, each band coloured from its lowest to its highest weight);
 - the projector: the contrastive audio and text embeddings of up to ``projector_clips``
   validation clips with their captions (stage 1);
 - the HPARAMS tab: the run's hyper-parameters with its final metrics, once it ends.
+
+Lightning's ``ThroughputMonitor`` was not taken: it needs a batch-size function (awkward in
+YAML), warns when the model declares no FLOPs, logs about ten series and shows no rate until its
+window is full; samples/s here is the same arithmetic over the last steps.
 
 The stage is asked for what it needs through small public methods (``attention_maps``,
 ``caption``, ``collected_embeddings``); ``training_step`` stays as it is. The clips' work is done
@@ -27,13 +31,13 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm, rank_zero_warn
@@ -56,7 +60,8 @@ class Dashboard(Callback):
             (the first ones of the split, the same every epoch); 0 shows none.
         projector_clips: validation clips whose embeddings go to the projector (with all their
             captions); 0 writes none.
-        throughput_window: training steps the samples/s average runs over (at least 2).
+        throughput_window: training steps the samples/s average runs over (at least 2; the
+            rate is shown from the second step on, over the steps there are until then).
     """
 
     def __init__(
@@ -75,9 +80,9 @@ class Dashboard(Callback):
         self.num_clips, self.projector_clips = num_clips, projector_clips
         self.throughput_window = throughput_window
         self._tensorboard: TensorBoardLogger | None = None
-        self._throughput: Throughput | None = None
+        self._recent: deque[tuple[float, int]] = deque(maxlen=throughput_window)
         self._clock: dict[str, float] = {}
-        self._counts = {"samples": 0, "batches": 0}
+        self._samples = 0
         self._grad_norm: float | None = None
         self._last_logged_step = -1
         self._audio_written: set[str] = set()
@@ -105,10 +110,8 @@ class Dashboard(Callback):
     # ------------------------------------------------------------------ training scalars
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._throughput = Throughput(
-            world_size=trainer.world_size, window_size=self.throughput_window
-        )
-        self._counts = {"samples": 0, "batches": 0}
+        self._recent.clear()
+        self._samples = 0
         self._clock = {"start": time.perf_counter(), "paused": 0.0}
         self._last_logged_step = -1
 
@@ -116,7 +119,7 @@ class Dashboard(Callback):
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
     ) -> None:
         # only on the steps that log: the per-parameter norms cost a pass over all gradients
-        if _logs_at(trainer, trainer.global_step + 1):
+        if _logs_at(trainer, trainer.global_step + 1):  # the step about to be taken
             norms = grad_norm(pl_module, norm_type=2)
             total = norms.get("grad_2.0_norm_total")
             self._grad_norm = None if total is None else float(total)
@@ -124,25 +127,23 @@ class Dashboard(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._throughput is None:
+        if "start" not in self._clock:
             return
-        self._counts["batches"] += 1
-        self._counts["samples"] += _batch_size(batch)
+        self._samples += _batch_size(batch)
         elapsed = time.perf_counter() - self._clock["start"] - self._clock["paused"]
-        self._throughput.update(time=elapsed, **self._counts)
-        step = trainer.global_step
+        self._recent.append((elapsed, self._samples))
+        step = trainer.global_step  # optimizer steps done, this one included
         if step == self._last_logged_step or not _logs_at(trainer, step):
             return
         self._last_logged_step = step
         metrics = memory_metrics(pl_module.device)
-        rates = self._throughput.compute()
-        rate = rates.get("samples_per_sec", rates.get("device/samples_per_sec"))
-        if rate is not None:
-            metrics["train/samples_per_sec"] = float(rate)
+        (t0, n0), (t1, n1) = self._recent[0], self._recent[-1]
+        if t1 > t0:  # every rank reads as many clips a step as this one
+            metrics["train/samples_per_sec"] = (n1 - n0) / (t1 - t0) * trainer.world_size
         if self._grad_norm is not None:
             metrics["train/grad_norm"], self._grad_norm = self._grad_norm, None
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        for logger in trainer.loggers:  # at the step Lightning logs this batch's loss
+            logger.log_metrics(metrics, step=step - 1)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "start" in self._clock:  # validation time is not training throughput
@@ -408,8 +409,9 @@ def attention_image(layers: list[Tensor], cell: int = 6, min_width: int = 480) -
     """Cross-attention maps ``(heads, N, T)`` per layer -> an ``(H, W, 3)`` uint8 image.
 
     One band per layer (top to bottom) with one row per query (averaged over heads) and time left
-    to right; each row is scaled to its own peak, so it shows where that query looks. Bands are
-    separated by a white line; frames are widened to at least ``min_width`` pixels in all."""
+    to right, coloured from the band's lowest weight (dark blue) to its highest (yellow): head-
+    averaged attention stays within a few times uniform, so a fixed scale would show little.
+    Bands are separated by a white line; frames are widened to at least ``min_width`` pixels."""
     if not layers:
         raise ValueError("attention_image needs at least one layer's attention map")
     frames = layers[0].shape[-1]
@@ -417,7 +419,7 @@ def attention_image(layers: list[Tensor], cell: int = 6, min_width: int = 480) -
     bands = []
     for weights in layers:
         rows = weights.float().mean(dim=0).numpy()  # (N, T)
-        rows = rows / np.maximum(rows.max(axis=1, keepdims=True), 1e-12)
+        rows = (rows - rows.min()) / max(float(rows.max() - rows.min()), 1e-12)
         band = np.repeat(np.repeat(colorize(rows), cell, axis=0), widen, axis=1)
         bands += [band, np.full((2, band.shape[1], 3), 255, np.uint8)]
     return np.concatenate(bands[:-1], axis=0)
