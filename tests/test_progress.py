@@ -22,6 +22,7 @@ def test_quiet_bar_still_counts_for_the_summary() -> None:
             tick(done, 3)
     assert (tick.done, tick.total) == (3, 3)
     assert tick.summary().startswith("3 clips in ") and "clips/s)" in tick.summary()
+    assert tick.summary(120, "frames").startswith("120 frames in ")
 
 
 def test_bar_shows_count_rate_and_eta_on_stderr(capsys) -> None:

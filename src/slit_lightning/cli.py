@@ -240,7 +240,7 @@ def cache_command(argv: list[str]) -> None:
         print(f"{split:>8}: {c['clips']} clips, {c['frames']} frames, {c['skipped']} skipped")
     folder = cache_folder(cfg.data.feature_cache, encoder.identity)
     clips = sum(c["clips"] for c in counts.values())
-    print(f"features of {encoder.identity} in {folder}: {clips} clips, {tick.summary()}")
+    print(f"features of {encoder.identity} in {folder}: {tick.summary(clips, 'clips')}")
 
 
 def caption_parser() -> Any:
@@ -418,11 +418,12 @@ def eval_command(argv: list[str]) -> None:
             given = {s: trained.get(s) for s in ("train", "val", "test", "zeroshot")}
             dm = AudioTextDataModule(root=root, **(given if not cfg.root else {}), **settings)
             name = f"{split} split of {root or 'the training data'}"
-        with progress.bar(f"evaluating {ckpt}", quiet=cfg.quiet, unit="batches") as tick:
+        run = _run_name(ckpt, len(reports))
+        with progress.bar(f"evaluating {run}", quiet=cfg.quiet, unit="batches") as tick:
             report = evaluate(model, dm, split, cfg.tasks, cfg.wordings, cfg.label_prompt, tick)
         print(f"evaluated {ckpt} on the {name}: {tick.summary()}", file=sys.stderr)
         report.checkpoint, report.data = str(ckpt), name
-        report.save(Path(cfg.out) / _run_name(ckpt, len(reports)))
+        report.save(Path(cfg.out) / run)
         reports.append(report)
     text = table(reports)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)

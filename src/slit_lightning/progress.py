@@ -54,11 +54,13 @@ class Tick:
         """Seconds since the bar started."""
         return time.monotonic() - self._started
 
-    def summary(self) -> str:
-        """``1000 clips in 20.1 s (49.8 clips/s)``."""
+    def summary(self, count: int | None = None, unit: str | None = None) -> str:
+        """``1000 clips in 20.1 s (49.8 clips/s)``; ``count`` and ``unit`` replace the bar's
+        own (say, clips where the bar counted batches)."""
+        done, unit = self.done if count is None else count, unit or self.unit
         seconds = self.elapsed
-        rate = f" ({self.done / seconds:.1f} {self.unit}/s)" if self.done and seconds > 0 else ""
-        return f"{self.done} {self.unit} in {duration(seconds)}{rate}"
+        rate = f" ({done / seconds:.1f} {unit}/s)" if done and seconds > 0 else ""
+        return f"{done} {unit} in {duration(seconds)}{rate}"
 
 
 def duration(seconds: float) -> str:
