@@ -42,12 +42,13 @@ def clips(tmp_path_factory) -> Path:
     return write_manifest(folder / "clips.jsonl", rows)
 
 
-def _fit(model, clips: Path, log_dir: Path, **trainer_args) -> Path:
-    """Fit ``model`` for two epochs of two steps with TensorBoard and the dashboard."""
+def _fit(model, clips: Path, log_dir: Path, name: str, **trainer_args) -> Path:
+    """Fit ``model`` for two epochs of two steps with TensorBoard and the dashboard; returns the
+    run's folder (``log_dir/name/version_0``)."""
     dm = AudioTextDataModule(
         train=str(clips), val=str(clips), batch_size=4, num_workers=0, max_seconds=0.5
     )
-    logger = TensorBoardLogger(str(log_dir), name="run", default_hp_metric=False)
+    logger = TensorBoardLogger(str(log_dir), name=name, default_hp_metric=False)
     trainer = pl.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -68,14 +69,20 @@ def _fit(model, clips: Path, log_dir: Path, **trainer_args) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stage1_logs(clips, tiny_encoder, tiny_bert, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = Stage1(str(tiny_encoder), str(tiny_bert), embed_dim=16, warmup_steps=1, **QFORMER)
-    return _fit(model, clips, tmp_path_factory.mktemp("tb1"))
+def log_root(tmp_path_factory) -> Path:
+    """One log folder for both runs, as the demo's runs/demo/logs."""
+    return tmp_path_factory.mktemp("logs")
 
 
 @pytest.fixture(scope="module")
-def stage2_logs(clips, tiny_encoder, tiny_bert, tiny_llm_factory, tmp_path_factory) -> Path:
+def stage1_logs(clips, tiny_encoder, tiny_bert, log_root) -> Path:
+    torch.manual_seed(0)
+    model = Stage1(str(tiny_encoder), str(tiny_bert), embed_dim=16, warmup_steps=1, **QFORMER)
+    return _fit(model, clips, log_root, "stage1")
+
+
+@pytest.fixture(scope="module")
+def stage2_logs(clips, tiny_encoder, tiny_bert, tiny_llm_factory, log_root) -> Path:
     """Stage 2 with validation switched off, as the demo runs it: the clips come at the end."""
     torch.manual_seed(0)
     model = Stage2(
@@ -87,7 +94,7 @@ def stage2_logs(clips, tiny_encoder, tiny_bert, tiny_llm_factory, tmp_path_facto
         generation=Generation(max_new_tokens=4),
         **QFORMER,
     )
-    return _fit(model, clips, tmp_path_factory.mktemp("tb2"), limit_val_batches=0)
+    return _fit(model, clips, log_root, "stage2", limit_val_batches=0)
 
 
 def _events(folder: Path) -> EventAccumulator:
@@ -96,11 +103,13 @@ def _events(folder: Path) -> EventAccumulator:
     return events
 
 
-def _hparams(events: EventAccumulator) -> plugin_data_pb2.HParamsPluginData:
+def _hparams(events: EventAccumulator) -> dict:
+    """The run's hyper-parameters as its session record holds them (and no experiment record,
+    which would hide the other runs' metrics)."""
     content = events.PluginTagToContent("hparams")
+    assert set(content) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    return start, experiment
+    return start.session_start_info.hparams
 
 
 def test_stage1_dashboard_has_every_panel(stage1_logs: Path) -> None:
@@ -142,14 +151,13 @@ def test_stage1_projector_holds_audio_and_text_of_the_clips(stage1_logs: Path) -
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
 
 
-def test_stage1_hparams_carry_the_final_metrics(stage1_logs: Path) -> None:
-    start, experiment = _hparams(_events(stage1_logs))
-    params = start.session_start_info.hparams
+def test_stage1_hparams_are_recorded(stage1_logs: Path) -> None:
+    params = _hparams(_events(stage1_logs))
+    assert params["stage"].string_value == "Stage1"
     assert params["num_queries"].number_value == 4
     assert params["data/batch_size"].number_value == 4
     assert params["trainable_parameters"].number_value > 0
-    metrics = {m.name.tag for m in experiment.experiment.metric_infos}
-    assert {"val/t2a_R@1", "val/a2t_R@1", "train/loss"} <= metrics
+    assert not any(name.startswith("_") for name in params)
 
 
 def test_stage2_without_validation_still_shows_generated_captions(stage2_logs: Path) -> None:
@@ -160,9 +168,7 @@ def test_stage2_without_validation_still_shows_generated_captions(stage2_logs: P
     assert "val/clip_0/audio" in events.Tags()["audio"]
     text = events.Tensors("val/clip_1/captions/text_summary")[-1].tensor_proto.string_val[0]
     assert b"**generated**" in text and b"tone 1" in text
-    _, experiment = _hparams(events)
-    metrics = {m.name.tag for m in experiment.experiment.metric_infos}
-    assert {"train/loss", "train/loss_lm"} <= metrics and not any("val/" in m for m in metrics)
+    assert _hparams(events)["stage"].string_value == "Stage2"
     assert not list(stage2_logs.glob("projector_config.pbtxt"))  # stage 2 has no contrastive space
 
 
@@ -218,9 +224,35 @@ def _get(url: str) -> bytes:
         return response.read()
 
 
-def test_tensorboard_serves_the_loss_curves(stage1_logs: Path) -> None:
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _wait_for_runs(server: subprocess.Popen, base: str, runs: set[str]) -> dict:
+    """The scalar tags by run once every run in ``runs`` is loaded (at most 90 s)."""
+    tags, deadline = {}, time.monotonic() + 90
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            tags = json.loads(_get(f"{base}/data/plugin/scalars/tags"))
+            if runs <= set(tags):
+                return tags
+        except OSError:
+            pass
+        time.sleep(0.5)
+    stderr = server.stderr.read1().decode()[-2000:] if server.poll() is not None else ""
+    raise AssertionError(f"tensorboard did not serve {runs} (has {set(tags)}): {stderr}")
+
+
+def test_tensorboard_serves_the_loss_curves_and_final_metrics(
+    log_root: Path, stage1_logs: Path, stage2_logs: Path
+) -> None:
+    runs = {str(p.relative_to(log_root)) for p in (stage1_logs, stage2_logs)}
     port = _free_port()
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(stage1_logs.parent)]
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(log_root)]
     server = subprocess.Popen(
         [*command, "--port", str(port), "--host", "127.0.0.1"],
         stdout=subprocess.DEVNULL,
@@ -228,21 +260,28 @@ def test_tensorboard_serves_the_loss_curves(stage1_logs: Path) -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        tags, deadline = None, time.monotonic() + 90
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                tags = json.loads(_get(f"{base}/data/plugin/scalars/tags"))
-                if tags.get(stage1_logs.name):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        assert tags, f"tensorboard did not answer: {server.stderr.read1().decode()[-2000:]}"
-        run = tags[stage1_logs.name]
-        assert {"train/loss", "train/loss_atc", "train/grad_norm", "val/t2a_R@1"} <= set(run)
-        query = urllib.parse.urlencode({"run": stage1_logs.name, "tag": "train/loss"})
+        tags = _wait_for_runs(server, base, runs)
+        stage1, stage2 = sorted(runs)
+        assert {"train/loss", "train/loss_atc", "train/grad_norm", "val/t2a_R@1"} <= set(
+            tags[stage1]
+        )
+        query = urllib.parse.urlencode({"run": stage1, "tag": "train/loss"})
         series = json.loads(_get(f"{base}/data/plugin/scalars/scalars?{query}"))
-        assert len(series) >= 3 and all(np.isfinite(value) for _, _, value in series)
+        assert len(series) == 4 and all(np.isfinite(value) for _, _, value in series)
+        # the HPARAMS tab: each run with its own final metrics
+        statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+        groups = _post(
+            f"{base}/data/plugin/hparams/session_groups",
+            {"experimentName": "", "allowedStatuses": statuses, "colParams": [],
+             "startIndex": 0, "sliceSize": 10},
+        )["sessionGroups"]  # fmt: skip
+        final = {
+            g["name"]: {m["name"]["tag"]: m["value"] for m in g["metricValues"]} for g in groups
+        }
+        assert set(final) == runs
+        last_r1 = _events(stage1_logs).Scalars("val/t2a_R@1")[-1].value
+        assert final[stage1]["val/t2a_R@1"] == pytest.approx(last_r1)
+        assert "train/loss_lm" in final[stage2] and "val/t2a_R@1" not in final[stage2]
     finally:
         server.kill()
         server.wait(timeout=10)

@@ -14,7 +14,8 @@ metrics) and what Lightning's ``LearningRateMonitor`` logs (the learning rate) a
   right, each band coloured from its lowest to its highest weight);
 - the projector: the contrastive audio and text embeddings of up to ``projector_clips``
   validation clips with their captions (stage 1);
-- the HPARAMS tab: the run's hyper-parameters with its final metrics, once it ends.
+- the HPARAMS tab: the run's hyper-parameters, once it ends, next to the last value of each of
+  its scalars (its final metrics).
 
 Lightning's ``ThroughputMonitor`` was not taken: it needs a batch-size function (awkward in
 YAML), warns when the model declares no FLOPs, logs about ten series and shows no rate until its
@@ -272,28 +273,30 @@ class Dashboard(Callback):
         self._record_hparams(trainer, pl_module)
 
     def _record_hparams(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The hyper-parameters with the final metrics, for the HPARAMS tab.
+        """The hyper-parameters, for the HPARAMS tab, which shows them with the last value of
+        every scalar of the run (its final metrics).
 
-        The metric columns name the scalar series the run already has (TensorBoard shows their
-        last values), so nothing is logged a second time: ``TensorBoardLogger.log_hyperparams``
-        with metrics would also write each value again as a scalar at one step, bending the
-        curves; its summary-writing part is done here as it does it."""
+        Only the session records are written, not an experiment record: TensorBoard reads one
+        experiment record per log folder (the first it finds), so with one the other runs there
+        (stage 1, stage 2, a test run) would show no metrics. ``TensorBoardLogger.log_hyperparams``
+        is not used because with metrics it also writes each value again as a scalar, bending
+        every curve back to one step."""
         from torch.utils.tensorboard.summary import hparams
 
         writer = self._writer(trainer)
-        metrics = final_metrics(trainer.callback_metrics)
-        if writer is None or not metrics:
+        if writer is None or not final_metrics(trainer.callback_metrics):
             return
-        params = flat_params(pl_module.hparams_initial)
+        params = {"stage": type(pl_module).__name__} | flat_params(pl_module.hparams_initial)
         datamodule = trainer.datamodule
         if datamodule is not None:
             params |= flat_params(datamodule.hparams_initial, "data/")
         count = getattr(pl_module, "trainable_parameters", None)
         if callable(count):
             params["trainable_parameters"] = count()
-        file_writer = writer._get_file_writer()
-        for summary in hparams(params, metrics):
-            file_writer.add_summary(summary)
+        _, session_start, session_end = hparams(params, {})
+        file_writer = writer._get_file_writer()  # as TensorBoardLogger writes them
+        file_writer.add_summary(session_start)
+        file_writer.add_summary(session_end)
         writer.flush()
 
 
@@ -448,6 +451,8 @@ def flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
+        if str(key).startswith("_"):  # the CLI's bookkeeping (_class_path, _instantiator)
+            continue
         if isinstance(value, Mapping):
             out |= flat_params(value, f"{name}/")
         elif isinstance(value, bool | int | float | str):
