@@ -21,7 +21,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from slit_lightning.dashboard import Dashboard, attention_image, clip_markdown, take_rows
+from slit_lightning.dashboard import (
+    Dashboard,
+    attention_image,
+    batch_size,
+    clip_markdown,
+    take_rows,
+)
 from slit_lightning.data.datamodule import AudioTextDataModule
 from slit_lightning.llm import Generation
 from slit_lightning.stages import Stage1, Stage2
@@ -193,6 +199,8 @@ def test_clip_markdown_and_rows() -> None:
     rows = take_rows(batch, 2)
     assert rows["clip_id"] == ["a", "b"] and rows["audio"].shape == (2, 5)
     assert rows["feature_identity"] == "enc"
+    assert batch_size(batch) == 3 and batch_size(rows) == 2
+    assert batch_size((torch.zeros(5, 2), torch.zeros(5))) == 5
     text = clip_markdown(rows, 0, ["made  up\ncaption"])
     assert "| **generated** | made up caption |" in text and "x \\| y" in text
 

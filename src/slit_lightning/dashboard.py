@@ -130,7 +130,7 @@ class Dashboard(Callback):
     ) -> None:
         if "start" not in self._clock:
             return
-        self._samples += _batch_size(batch)
+        self._samples += batch_size(batch)
         elapsed = time.perf_counter() - self._clock["start"] - self._clock["paused"]
         self._recent.append((elapsed, self._samples))
         step = trainer.global_step  # optimizer steps done, this one included
@@ -219,18 +219,18 @@ class Dashboard(Callback):
         if writer is None or not self.num_clips:
             return
         rows = take_rows(batch, self.num_clips)
-        maps, frames = pl_module.attention_maps(rows)
-        caption = getattr(pl_module, "caption", None)
-        generated = caption(rows) if callable(caption) else None
+        attention, caption = _method(pl_module, "attention_maps"), _method(pl_module, "caption")
+        maps, frames = attention(rows) if attention else ({}, None)
+        generated = caption(rows) if caption else None
         step = trainer.global_step
         for i in range(len(rows["clip_id"])):
             tag = f"{split}/clip_{i}"
             writer.add_text(f"{tag}/captions", clip_markdown(rows, i, generated), step)
-            real = frames[i].bool().cpu()
-            layers = [maps[k][i][..., real].cpu() for k in sorted(maps)]
-            writer.add_image(
-                f"{tag}/cross_attention", attention_image(layers), step, dataformats="HWC"
-            )
+            if maps:
+                real = frames[i].bool().cpu()
+                layers = [maps[k][i][..., real].cpu() for k in sorted(maps)]
+                image = attention_image(layers)
+                writer.add_image(f"{tag}/cross_attention", image, step, dataformats="HWC")
             if split not in self._audio_written:
                 wave, rate = clip_audio(trainer, pl_module, rows, i)
                 if wave is not None:
@@ -240,8 +240,8 @@ class Dashboard(Callback):
 
     def _write_projector(self, trainer: Trainer, pl_module: LightningModule, split: str) -> None:
         writer = self._writer(trainer)
-        collect = getattr(pl_module, "collected_embeddings", None)
-        if writer is None or not self.projector_clips or not callable(collect):
+        collect = _method(pl_module, "collected_embeddings")
+        if writer is None or not self.projector_clips or collect is None:
             return
         found = collect()
         clips = min(self.projector_clips, len(found["clip_id"]))
@@ -290,8 +290,8 @@ class Dashboard(Callback):
         datamodule = trainer.datamodule
         if datamodule is not None:
             params |= flat_params(datamodule.hparams_initial, "data/")
-        count = getattr(pl_module, "trainable_parameters", None)
-        if callable(count):
+        count = _method(pl_module, "trainable_parameters")
+        if count:
             params["trainable_parameters"] = count()
         _, session_start, session_end = hparams(params, {})
         file_writer = writer._get_file_writer()  # as TensorBoardLogger writes them
@@ -303,15 +303,28 @@ class Dashboard(Callback):
 # ---------------------------------------------------------------------- helpers
 
 
+def _method(module: LightningModule, name: str) -> Any:
+    """The stage's method ``name``, or None for a module without it (the part is left out)."""
+    method = getattr(module, name, None)
+    return method if callable(method) else None
+
+
 def _logs_at(trainer: Trainer, step: int) -> bool:
     every = trainer.log_every_n_steps
     return every > 0 and step % every == 0
 
 
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Mapping) and "clip_id" in batch:
-        return len(batch["clip_id"])
-    raise TypeError("Dashboard: batches must be the data module's dicts with a clip_id list")
+def batch_size(batch: Any) -> int:
+    """Clips in a batch: the data module's ``clip_id`` list, else the first tensor's rows."""
+    if isinstance(batch, Mapping):
+        if "clip_id" in batch:
+            return len(batch["clip_id"])
+        batch = list(batch.values())
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    if isinstance(batch, list | tuple):
+        return next((batch_size(b) for b in batch if isinstance(b, Tensor)), len(batch))
+    return 1
 
 
 def memory_metrics(device: torch.device) -> dict[str, float]:
