@@ -554,3 +554,37 @@ def test_from_bert_can_keep_the_first_layers_and_set_dropout(tmp_path):
         torch.testing.assert_close(cut.layers[i].ffn.fc1.weight, full.layers[i].ffn.fc1.weight)
     with pytest.raises(ValueError, match="num_layers=4"):
         QFormer.from_bert(str(tmp_path), num_layers=4)
+
+
+# ---------------------------------------------------------------- cross-attention weights
+
+
+def test_attention_weights_are_what_the_forward_applies(qformer: QFormer, batch: dict) -> None:
+    attn = qformer.layers[0].cross_attn
+    kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
+    x = torch.randn(3, N, H, generator=torch.Generator().manual_seed(2))
+    weights = attn.attention_weights(x, kv.mask, kv.layers[0])
+    context = (weights @ kv.layers[0][1]).transpose(1, 2).flatten(2)
+    with torch.no_grad():
+        assert_close(attn.norm(x + attn.out(context)), attn(x, kv.mask, kv=kv.layers[0]))
+
+
+def test_cross_attention_weights_per_layer_ignore_padding(qformer: QFormer, batch: dict) -> None:
+    """Clip 1 is padded after frame 5: it gets no weight there, and the same weights as alone."""
+    kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
+    weights = qformer.cross_attention_weights(kv)
+    assert set(weights) == {i for i, layer in enumerate(qformer.layers) if layer.cross_attn}
+    heads = qformer.config.num_heads
+    for w in weights.values():
+        assert w.shape == (3, heads, N, 7)
+        assert_close(w.sum(-1), torch.ones(3, heads, N))
+        assert torch.all(w[1, :, :, 5:] == 0)
+    alone = qformer.cross_attention_weights(qformer.audio_keys_values(batch["audio"][1:2, :5]))
+    for i, w in alone.items():
+        assert_close(w[0], weights[i][1, :, :, :5], atol=1e-6, rtol=0)
+    # an instruction changes what the queries look for; the hooks are gone afterwards
+    instructed = qformer.cross_attention_weights(
+        kv, batch["text_ids"], batch["text_mask"], mode="instruction"
+    )
+    assert not torch.allclose(instructed[0], weights[0])
+    assert all(not layer.cross_attn._forward_hooks for layer in qformer.layers if layer.cross_attn)

@@ -36,6 +36,7 @@ from slit_lightning.stages.base import CheckpointError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 API_COMMANDS = ("classify", "export", "index")
+QUIET_HELP = "no progress bar or progress messages (warnings, errors and the summary remain)"
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
@@ -99,7 +100,7 @@ def data_parser() -> Any:
     synth = ArgumentParser(description="Write the built-in audio-caption corpus.")
     synth.add_argument("--out", required=True, help="folder to write the corpus into")
     synth.add_function_arguments(synthesize_corpus, skip={"out_dir", "progress"})
-    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     check = ArgumentParser(
         description="Run the data pipeline once over each split and report.",
@@ -118,6 +119,7 @@ def data_parser() -> Any:
     shards.add_argument("--source", required=True, help="manifest, AudioCaps or Clotho CSV")
     shards.add_argument("--out", required=True, help="folder for the .tar files")
     shards.add_function_arguments(write_shards, skip={"source", "out_dir", "progress"})
+    shards.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     parser = ArgumentParser(prog="slit data", description="Data tools.")
     commands = parser.add_subcommands(dest="command")
@@ -133,13 +135,15 @@ def data_command(argv: list[str]) -> None:
 
     cfg = data_parser().parse_args(argv)
     sub = cfg[cfg.command]
+    progress.quieten(sub.get("quiet", False))
     if cfg.command == "synth":
         from slit_lightning.data.synth import synthesize_corpus
 
         kwargs = {k: v for k, v in sub.items() if k not in ("out", "quiet", "__path__")}
-        with progress.bar("synthesising corpus", quiet=sub.quiet) as tick:
+        with progress.bar("synthesising corpus", quiet=sub.quiet, unit="clips") as tick:
             counts = synthesize_corpus(sub.out, progress=tick, **kwargs)
-        print(f"corpus written to {sub.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        splits = ", ".join(f"{k} {v}" for k, v in counts.items())
+        print(f"corpus written to {sub.out}: {splits}; {tick.summary()}")
     elif cfg.command == "check":
         from slit_lightning.data.check import data_pass
         from slit_lightning.data.datamodule import AudioTextDataModule
@@ -154,10 +158,11 @@ def data_command(argv: list[str]) -> None:
     else:
         from slit_lightning.data.shards import write_shards
 
-        kwargs = {k: v for k, v in sub.items() if k not in ("source", "out", "__path__")}
-        with progress.bar("writing shards") as tick:
+        kwargs = {k: v for k, v in sub.items() if k not in ("source", "out", "quiet", "__path__")}
+        with progress.bar("writing shards", quiet=sub.quiet, unit="parts") as tick:
             counts = write_shards(sub.source, sub.out, progress=tick, **kwargs)
-        print(f"shards in {sub.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        written = ", ".join(f"{k} {v}" for k, v in counts.items())
+        print(f"shards in {sub.out}: {written}; {tick.summary()}")
 
 
 def bootstrap_parser() -> Any:
@@ -178,7 +183,7 @@ def bootstrap_parser() -> Any:
         sub.add_argument("--corpus", required=True, help="corpus folder (slit data synth --out)")
         sub.add_argument("--out", required=True, help="folder for the model (save_pretrained)")
         sub.add_function_arguments(job, skip={"corpus_dir", "out_dir", "progress", "config"})
-        sub.add_argument("--quiet", action="store_true", help="no progress bar")
+        sub.add_argument("--quiet", action="store_true", help=QUIET_HELP)
         commands.add_subcommand(name, sub)
     return parser
 
@@ -191,14 +196,15 @@ def bootstrap_command(argv: list[str]) -> None:
 
     cfg = bootstrap_parser().parse_args(argv)
     sub = cfg[cfg.command]
+    progress.quieten(sub.quiet)
     job = bootstrap_encoder if cfg.command == "encoder" else bootstrap_llm
     kwargs = {k: v for k, v in sub.items() if k not in ("corpus", "out", "quiet", "__path__")}
-    with progress.bar(f"bootstrapping the {cfg.command}", quiet=sub.quiet) as tick:
+    with progress.bar(f"bootstrapping the {cfg.command}", quiet=sub.quiet, unit="steps") as tick:
         metrics = job(sub.corpus, sub.out, progress=tick, **kwargs)
-    shown = ("val_map", "val_f1", "val_loss", "val_perplexity", "seconds")
+    shown = ("val_map", "val_f1", "val_loss", "val_perplexity")
     summary = ", ".join(f"{k} {metrics[k]}" for k in shown if k in metrics)
     what = {"encoder": "audio encoder", "llm": "LLM"}[cfg.command]
-    print(f"{what} in {sub.out}: {summary}")
+    print(f"{what} in {sub.out}: {summary}; {tick.summary()}")
 
 
 def cache_parser() -> Any:
@@ -225,6 +231,7 @@ def cache_parser() -> Any:
                         help="default: model.encoder_layer, else -1")  # fmt: skip
     parser.add_argument("--splits", type=list[str], default=["train", "val", "test", "zeroshot"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     # the stage's own arguments, as `slit fit` reads them (only the encoder settings are used)
     parser.add_subclass_arguments(LightningModule, "model", required=False)
     for other in ("trainer", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything"):
@@ -240,6 +247,7 @@ def cache_command(argv: list[str]) -> None:
     from slit_lightning.encoders import HFAudioEncoder
 
     cfg = cache_parser().parse_args(argv)
+    progress.quieten(cfg.quiet)
     model = cfg.model.init_args.as_dict() if cfg.model else {}
     encoder_name = cfg.encoder or model.get("encoder")
     layer = cfg.encoder_layer if cfg.encoder_layer is not None else model.get("encoder_layer", -1)
@@ -251,13 +259,13 @@ def cache_command(argv: list[str]) -> None:
     dm.setup()
     splits = [s for s in cfg.splits if dm.sources.get(s)]
     encoder = HFAudioEncoder.from_pretrained(encoder_name, layer=layer).to(cfg.device)
-    with progress.bar("caching features") as tick:
+    with progress.bar("caching features", quiet=cfg.quiet, unit="batches") as tick:
         counts = write_feature_cache(encoder, dm, splits, cfg.data.feature_cache, progress=tick)
     for split, c in counts.items():
         print(f"{split:>8}: {c['clips']} clips, {c['frames']} frames, {c['skipped']} skipped")
-    print(
-        f"features of {encoder.identity} in {cache_folder(cfg.data.feature_cache, encoder.identity)}"
-    )
+    folder = cache_folder(cfg.data.feature_cache, encoder.identity)
+    clips = sum(c["clips"] for c in counts.values())
+    print(f"features of {encoder.identity} in {folder}: {tick.summary(clips, 'clips')}")
 
 
 def caption_parser() -> Any:
@@ -390,6 +398,7 @@ def eval_parser() -> Any:
     parser.add_argument("--label_prompt", default="the sound of {label}")
     parser.add_argument("--out", default="runs/eval", help="folder for eval.json + TensorBoard")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument(
@@ -421,6 +430,7 @@ def eval_command(argv: list[str]) -> None:
     from slit_lightning.inference import load_stage, read_checkpoint
 
     cfg = eval_parser().parse_args(argv)
+    progress.quieten(cfg.quiet)
     reports = []
     for ckpt in cfg.ckpt:
         model = load_stage(ckpt, cfg.device, cfg.encoder, cfg.llm)
@@ -445,10 +455,12 @@ def eval_command(argv: list[str]) -> None:
             given = {s: trained.get(s) for s in ("train", "val", "test", "zeroshot")}
             dm = AudioTextDataModule(root=root, **(given if not cfg.root else {}), **settings)
             name = f"{split} split of {root or 'the training data'}"
-        with progress.bar(f"evaluating {Path(ckpt).name}") as tick:
+        run = _run_name(ckpt, len(reports))
+        with progress.bar(f"evaluating {run}", quiet=cfg.quiet, unit="batches") as tick:
             report = evaluate(model, dm, split, cfg.tasks, cfg.wordings, cfg.label_prompt, tick)
+        print(f"evaluated {ckpt} on the {name}: {tick.summary()}", file=sys.stderr)
         report.checkpoint, report.data = str(ckpt), name
-        report.save(Path(cfg.out) / _run_name(ckpt, len(reports)))
+        report.save(Path(cfg.out) / run)
         reports.append(report)
     text = table(reports)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)

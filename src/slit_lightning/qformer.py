@@ -12,6 +12,7 @@ LAVIS checkpoints (`QFormer.from_state_dict`, key mapping in `slit_lightning.qfo
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -193,6 +194,18 @@ class Attention(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0,
         )
         return self.norm(x + self.dropout(self.out(context.transpose(1, 2).flatten(2))))
+
+    def attention_weights(
+        self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """The attention probabilities ``forward`` applies, recomputed (SDPA does not return
+        them): ``(B, heads, S, S_kv)``, each row summing to 1, 0 where ``mask`` is False."""
+        keys, _ = self.keys_values(x) if kv is None else kv
+        queries = self.split_heads(self.query(x)).float()
+        scores = queries @ keys.float().transpose(-2, -1) / math.sqrt(queries.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -440,6 +453,48 @@ class QFormer(nn.Module):
         return QFormerOutput(
             query=x[:, :n] if n else None, text=x[:, n:] if text_ids is not None else None
         )
+
+    @torch.no_grad()
+    def cross_attention_weights(
+        self,
+        audio_kv: AudioKV,
+        text_ids: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        mode: AttentionMode = "unimodal",
+    ) -> dict[int, Tensor]:
+        """How the queries attend over the audio frames, for inspection (dashboards).
+
+        Runs the forward pass once (no gradients) and recomputes each cross-attention layer's
+        probabilities from the inputs it received; the training path never computes them.
+
+        Args:
+            audio_kv: ``audio_keys_values(...)`` of B clips with T frames.
+            text_ids, text_mask, mode: as in ``forward`` (an instruction changes what the
+                queries look for).
+
+        Returns:
+            layer index -> ``(B, heads, N, T)`` probabilities; padded frames get 0.
+        """
+        weights: dict[int, Tensor] = {}
+
+        def keep(index: int) -> Any:
+            def hook(module: Attention, args: tuple, kwargs: dict, output: Tensor) -> None:
+                given = dict(zip(("x", "mask", "kv"), args, strict=False)) | kwargs
+                weights[index] = module.attention_weights(given["x"], given["mask"], given["kv"])
+
+            return hook
+
+        handles = [
+            layer.cross_attn.register_forward_hook(keep(i), with_kwargs=True)
+            for i, layer in enumerate(self.layers)
+            if layer.cross_attn is not None
+        ]
+        try:
+            self(audio_kv=audio_kv, text_ids=text_ids, text_mask=text_mask, mode=mode)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return weights
 
     def _audio_kv(
         self,

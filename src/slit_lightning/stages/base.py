@@ -133,6 +133,14 @@ class SLITStage(LightningModule):
 
     # ------------------------------------------------------------------ evaluation
 
+    def attention_maps(self, batch: dict[str, Any]) -> tuple[dict[int, Tensor], Tensor]:
+        """How the queries read each clip of ``batch`` (the dashboard draws it): cross-attention
+        layer -> ``(B, heads, N, T)`` probabilities over the frames, and the frame mask ``(B, T)``.
+        Every stage owns a ``qformer``."""
+        feats, frames = self.encode_audio(batch)
+        kv = self.qformer.audio_keys_values(feats, frames)
+        return self.qformer.cross_attention_weights(kv), frames
+
     def on_validation_epoch_end(self) -> None:
         self.report("val")
 

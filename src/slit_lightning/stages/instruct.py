@@ -109,6 +109,19 @@ class Instruct(Stage2):
         size = (batch["features"] if "features" in batch else batch["audio"]).shape[0]
         return self.answer(batch, [TASKS["caption"][0][0]] * size, settings=settings)
 
+    def attention_maps(self, batch: dict[str, Any]) -> tuple[dict[int, Tensor], Tensor]:
+        """As :meth:`SLITStage.attention_maps`, with the queries reading the caption
+        instruction (what they look for depends on it)."""
+        feats, frames = self.encode_audio(batch)
+        kv = self.qformer.audio_keys_values(feats, frames)
+        ids, mask = self.tokenize(
+            self.tokenizer,
+            [TASKS["caption"][0][0]] * frames.shape[0],
+            self.hparams.max_instruction_len,
+            pad_to_max=False,
+        )
+        return self.qformer.cross_attention_weights(kv, ids, mask, mode="instruction"), frames
+
     # ------------------------------------------------------------------ training
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -250,6 +250,7 @@ class Stage1(SLITStage):
             "text_clip": [],
             "feats": [],
             "captions": [],
+            "clip_id": [],
             "clips": 0,
         }
 
@@ -278,12 +279,30 @@ class Stage1(SLITStage):
         self._eval["text"].append(self.text_embeddings(ids, mask).cpu())
         self._eval["text_clip"].append(torch.tensor(clip_of))
         self._eval["captions"].extend(captions)
+        self._eval["clip_id"].extend(batch["clip_id"])
         self._eval["clips"] += len(batch["captions"])
         if self.hparams.rerank_k and self.trainer.testing:
             # half precision on the CPU: the re-ranking needs them once, at the end
             self._eval["feats"].extend(
                 f[m].half().cpu() for f, m in zip(feats, frames, strict=True)
             )
+
+    def collected_embeddings(self) -> dict[str, Any]:
+        """What this evaluation epoch has embedded so far on this rank (the dashboard's
+        projector reads it): ``audio (A, E)`` (each clip's query features, averaged and
+        normalised), ``clip_id`` (A ids), ``text (C, E)``, ``text_clip (C,)`` (the clip each
+        caption belongs to) and ``captions`` (C)."""
+        store = self._eval
+        if not store.get("audio"):
+            return {"audio": torch.zeros(0, 1), "clip_id": [], "text": torch.zeros(0, 1),
+                    "text_clip": torch.zeros(0, dtype=torch.long), "captions": []}  # fmt: skip
+        return {
+            "audio": F.normalize(torch.cat(store["audio"]).mean(dim=1), dim=-1),
+            "clip_id": list(store["clip_id"]),
+            "text": torch.cat(store["text"]),
+            "text_clip": torch.cat(store["text_clip"]),
+            "captions": list(store["captions"]),
+        }
 
     def report(self, split: str) -> None:
         store = _gather_eval(self._eval)
