@@ -9,6 +9,7 @@ does. Same weights, inputs and sampled hard negatives: both must give the same l
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,6 @@ def bench_stage1_kv_reuse(
     sizes = PRESETS[preset]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_models(Path(tmp), sizes, audio_width=sizes["audio_width"])
         common = {"num_queries": 32, "max_text_len": 32, "qformer_dropout": 0.0}
