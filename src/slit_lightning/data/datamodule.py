@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -53,6 +54,11 @@ class StreamLoader(DataLoader):
         # starting an epoch draws nothing from the random numbers training uses
         kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        # each worker ends its stream with an end marker (consumed in _WorkerCycle, never
+        # delivered), which torch counts against the dataset's length and warns about
+        warnings.filterwarnings(
+            "ignore", r"Length of IterableDataset <slit_lightning\.data\.stream", UserWarning
+        )
         self.split, self.ledger, self.epoch, self.lockstep = split, ledger, epoch, lockstep
         self.consumed = consumed
         self.dropped_in_lockstep = 0
