@@ -9,7 +9,7 @@ from slit_lightning.bench import (
     bench_stage2_step,
     main,
 )
-from slit_lightning.bench.measure import count_flops, matmul_peak
+from slit_lightning.bench.measure import count_flops, matmul_peak, peak_memory
 
 
 def test_reused_and_recomputed_audio_kv_give_the_same_losses():
@@ -62,3 +62,17 @@ def test_feature_cache_bench_times_both_input_paths():
     ratio = result["reencode_epoch_s"] / result["cached_epoch_s"]
     assert result["speedup"] == pytest.approx(ratio, rel=0.01)  # the times are rounded too
     assert result["data_pipeline_clips_per_s"] > 0
+
+
+def test_peak_memory_counts_weights_state_and_a_temporary_that_is_freed_again():
+    import torch
+
+    layer = torch.nn.Linear(256, 256)  # 256 KiB of weights
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with peak_memory(layer, optimizer) as memory:
+        kept = torch.zeros(256, 256)  # 256 KiB, alive at the peak too
+        scratch = torch.ones(1024, 1024)  # 4 MiB, gone before the block ends
+        del scratch
+        torch.zeros(128, 1024)  # 512 KiB after the peak: does not raise it
+    assert memory["peak_mib"] == pytest.approx(256 * 257 * 4 / 2**20 + 4 + 0.25, abs=0.01)
+    assert kept.sum() == 0

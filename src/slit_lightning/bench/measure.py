@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import platform
 import statistics
-import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def device_name() -> str:
@@ -66,45 +69,58 @@ def matmul_peak(size: int = 2048, repeats: int = 5, dtype: torch.dtype | None = 
     return 2 * size**3 / best
 
 
-def _rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc; 0 where that is missing)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    import resource
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of CPU tensor storage alive while ops run under it, and their maximum."""
 
-    return pages * resource.getpagesize()
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        for tensor in existing:  # weights, gradients, optimiser state: counted once, up front
+            self.seen[tensor.untyped_storage()] = True
+        self.live = self.peak = sum(storage.nbytes() for storage in self.seen)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                storage = tensor.untyped_storage()
+                if storage not in self.seen:
+                    self.seen[storage] = True
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, storage.nbytes())
+        return out
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+def _state_tensors(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    tensors = [*module.parameters(), *module.buffers()]
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
 
 
 @contextmanager
-def peak_memory() -> Iterator[dict[str, float]]:
-    """Peak memory the block adds, in MiB: CUDA's allocator peak on a GPU; on CPU the resident
-    set sampled every millisecond by a thread (torch's CPU allocator keeps no peak)."""
-    result: dict[str, float] = {}
+def peak_memory(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> Iterator[dict[str, float | str]]:
+    """Peak memory in MiB while the block runs (weights, gradients, optimiser state and
+    activations): CUDA's allocator peak on a GPU; on CPU, where torch's allocator keeps no peak,
+    the live bytes of every tensor storage, followed op by op (frozen weights included)."""
+    result: dict[str, float | str] = {}
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
         yield result
         torch.cuda.synchronize()
-        result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        result["kind"] = "cuda_max_allocated"  # type: ignore[assignment]
+        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["kind"] = "cuda_max_allocated"
         return
-    base, peak, stop = _rss_bytes(), [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
+    tracker = _LiveBytes(_state_tensors(module, optimizer))
+    with tracker:
         yield result
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], _rss_bytes())
-        result["peak_mib"] = max(0, peak[0] - base) / 2**20
-        result["kind"] = "cpu_rss_increase"  # type: ignore[assignment]
+    result["peak_mib"] = tracker.peak / 2**20
+    result["kind"] = "cpu_live_tensor_bytes"

@@ -85,8 +85,8 @@ def _record_losses(model: Stage1) -> dict[str, float]:
     return record
 
 
-def _stepper(model: Stage1, batch: dict[str, Any]) -> Any:
-    """One forward + backward + AdamW step (hard negatives from the stage's per-step seed)."""
+def training_step(model: Any, batch: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
+    """One forward + backward + AdamW step of a stage, as a callable, and its optimiser."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
 
     def step() -> None:
@@ -94,7 +94,7 @@ def _stepper(model: Stage1, batch: dict[str, Any]) -> Any:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return step, optimizer
 
 
 def _forward_backward_flops(model: Stage1, batch: dict[str, Any]) -> int:
@@ -126,10 +126,10 @@ def bench_stage1_kv_reuse(
         model.training_step(batch, 0)  # same weights, same per-step negatives: same losses
         losses.append([record[f"train/loss_{k}"] for k in ("atc", "atm", "atg")])
     flops = [_forward_backward_flops(m, batch) for m in models]
-    steps = [_stepper(m, batch) for m in models]
-    ours_s, ref_s = interleaved(steps, sizes["steps"])
-    with peak_memory() as memory:
-        steps[0]()
+    (step, optimizer), (ref_step, _) = [training_step(m, batch) for m in models]
+    ours_s, ref_s = interleaved([step, ref_step], sizes["steps"])
+    with peak_memory(ours, optimizer) as memory:
+        step()
     same = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(*losses, strict=True))
     result = {
         "name": f"stage1_step_kv_reuse_T{frames}",

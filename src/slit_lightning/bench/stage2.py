@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from slit_lightning.bench.measure import count_flops, interleaved, peak_memory
-from slit_lightning.bench.stage1 import PRESETS, feature_batch, save_models
+from slit_lightning.bench.stage1 import PRESETS, feature_batch, save_models, training_step
 from slit_lightning.stages import Stage2
 
 #: the LLM per preset: layers, width, heads, vocabulary (OPT-125m: 12 x 768, 50272 words)
@@ -69,17 +69,11 @@ def bench_stage2_step(
     batch["caption"] = [
         f"a long tone number {i * 7} then sound {i} over noise" for i in range(batch_size)
     ]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
-
-    def step() -> None:
-        model.training_step(batch, 0).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step, optimizer = training_step(model, batch)
     flops = count_flops(lambda: model.training_step(batch, 0).backward())
     optimizer.zero_grad(set_to_none=True)
     (step_s,) = interleaved([step], sizes["steps"])
-    with peak_memory() as memory:
+    with peak_memory(model, optimizer) as memory:
         step()
     targets = model.llm.tokenizer(batch["caption"])["input_ids"]
     result = {
