@@ -47,8 +47,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "preset": args.preset,
         "matmul_peak_tflops": round(peak / 1e12, 4),
-        "results": [bench_stage1_kv_reuse(args.preset, t, peak_flops=peak) for t in args.frames],
-        "stage2": [bench_stage2_step(args.preset, t, peak_flops=peak) for t in args.frames[:1]],
+        "results": [
+            bench_stage1_kv_reuse(args.preset, t, peak_flops=peak, steps=args.steps)
+            for t in args.frames
+        ],
+        "stage2": [
+            bench_stage2_step(args.preset, t, peak_flops=peak, steps=args.steps)
+            for t in args.frames[:1]
+        ],
         "qformer": bench_qformer_vs_instructblip(args.preset, frames=args.frames[0]),
         "feature_cache": bench_feature_cache(args.preset, args.cache_clips, args.cache_seconds),
     }
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/bench/bench.json", help="JSON file to write")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--frames", type=int, nargs="+", default=[250, 1500])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: preset's)")
     parser.add_argument("--cache_clips", type=int, default=16, help="clips for the cache bench")
     parser.add_argument("--cache_seconds", type=float, default=10.0, help="their length")
     args = parser.parse_args(argv)

@@ -104,7 +104,11 @@ def _forward_backward_flops(model: Stage1, batch: dict[str, Any]) -> int:
 
 
 def bench_stage1_kv_reuse(
-    preset: str, frames: int, batch_size: int = 8, peak_flops: float | None = None
+    preset: str,
+    frames: int,
+    batch_size: int = 8,
+    peak_flops: float | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Ours vs BLIP-2-style stage-1 step at ``frames`` audio frames; throughput, memory, MFU."""
     sizes = PRESETS[preset]
@@ -127,7 +131,7 @@ def bench_stage1_kv_reuse(
         losses.append([record[f"train/loss_{k}"] for k in ("atc", "atm", "atg")])
     flops = [_forward_backward_flops(m, batch) for m in models]
     (step, optimizer), (ref_step, _) = [training_step(m, batch) for m in models]
-    ours_s, ref_s = interleaved([step, ref_step], sizes["steps"])
+    ours_s, ref_s = interleaved([step, ref_step], steps or sizes["steps"])
     with peak_memory(ours, optimizer) as memory:
         step()
     same = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(*losses, strict=True))

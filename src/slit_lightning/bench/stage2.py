@@ -49,7 +49,11 @@ def save_llm(folder: Path, preset: str) -> Path:
 
 
 def bench_stage2_step(
-    preset: str, frames: int, batch_size: int = 8, peak_flops: float | None = None
+    preset: str,
+    frames: int,
+    batch_size: int = 8,
+    peak_flops: float | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Median seconds of a stage-2 step (forward + backward through the frozen LLM + AdamW)."""
     sizes = PRESETS[preset]
@@ -72,7 +76,7 @@ def bench_stage2_step(
     step, optimizer = training_step(model, batch)
     flops = count_flops(lambda: model.training_step(batch, 0).backward())
     optimizer.zero_grad(set_to_none=True)
-    (step_s,) = interleaved([step], sizes["steps"])
+    (step_s,) = interleaved([step], steps or sizes["steps"])
     with peak_memory(model, optimizer) as memory:
         step()
     targets = model.llm.tokenizer(batch["caption"])["input_ids"]
