@@ -72,8 +72,8 @@ format: $(STAMP) ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix src tests
 	$(VENV)/bin/ruff format src tests
 
-bench: $(STAMP) ## measured ratios side by side (JSON in runs/bench/); PRESET=realistic for real shapes
-	$(PY) -m slit_lightning.bench --out $(RUNS)/bench/bench.json --preset $(or $(PRESET),small)
+bench: $(STAMP) ## measured ratios side by side (JSON in runs/bench/); PRESET=realistic for real shapes, STEPS=n
+	$(PY) -m slit_lightning.bench --out $(RUNS)/bench/bench.json --preset $(or $(PRESET),small) $(if $(STEPS),--steps $(STEPS))
 
 tensorboard: $(STAMP) ## open the demo's TensorBoard logs
 	$(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/logs
