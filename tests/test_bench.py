@@ -40,7 +40,7 @@ def test_our_qformer_matches_instructblip_outputs_in_the_comparison():
 
 
 def test_stage2_step_bench_reports_throughput_and_memory():
-    result = bench_stage2_step("tiny", frames=12, batch_size=2, peak_flops=1e12)
+    result = bench_stage2_step("tiny", frames=12, batch_size=2, peak_flops=1e8)
     assert result["step_s"] > 0 and result["samples_per_s"] > 0
     assert result["flop_per_step"] > 0 and result["mfu"] > 0
     assert result["trainable_parameters"] > 0 and result["peak_memory_mib"] >= 0

@@ -69,9 +69,9 @@ def bench_stage2_step(
     model = model.to(device).train()
     model.log = lambda *_, **__: None  # type: ignore[method-assign]  (no Trainer here)
     batch = feature_batch(batch_size, frames, sizes["audio_width"], device)
-    # captions of about 32 target tokens, as the shapes ask
-    batch["caption"] = [
-        f"a long tone number {i * 7} then sound {i} over noise" for i in range(batch_size)
+    batch["caption"] = [  # 32 target tokens each (cut at max_target_len), then EOS
+        " then ".join(f"a long tone number {i * 7 + k} over noise" for k in range(4))
+        for i in range(batch_size)
     ]
     step, optimizer = training_step(model, batch)
     flops = count_flops(lambda: model.training_step(batch, 0).backward())
