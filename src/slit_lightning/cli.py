@@ -19,6 +19,7 @@ YAML can interpolate and several ``--config`` files compose). The other sub-comm
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from typing import Any
@@ -148,6 +149,11 @@ def data_command(argv: list[str]) -> None:
         from slit_lightning.data.check import data_pass
         from slit_lightning.data.datamodule import AudioTextDataModule
 
+        if not hasattr(sub.data, "keys"):  # e.g. `data: 5` in the YAML
+            raise DataConfigError(
+                f"the config's data section must map AudioTextDataModule's arguments (train:,"
+                f" batch_size:, ...), got {sub.data!r}"
+            )
         dm = AudioTextDataModule(**sub.data)
         dm.setup()
         splits = [s for s in sub.splits if dm.sources.get(s)]
@@ -469,11 +475,30 @@ def eval_command(argv: list[str]) -> None:
     print(f"JSON and TensorBoard scalars under {cfg.out}/")
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Every ``--config`` file that exists must be UTF-8 text: the YAML parser would otherwise
+    stop with a traceback instead of a message (a missing file is its parser's to report)."""
+    paths = [b for a, b in itertools.pairwise(argv) if a == "--config"]
+    paths += [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                handle.read()
+        except UnicodeDecodeError as err:
+            raise SystemExit(
+                f"slit: --config {path} is not a YAML text file (byte {err.start} is not UTF-8);"
+                " give the stage's YAML, e.g. conf/stage1.yaml"
+            ) from None
+        except OSError:
+            continue
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `slit` console script."""
     given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    check_config_files(argv)
     try:
         if (argv and argv[0] in LIGHTNING_COMMANDS) or not argv or argv[0].startswith("-"):
             lightning_cli(given)  # None: LightningCLI reads sys.argv itself

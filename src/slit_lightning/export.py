@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
@@ -38,6 +39,7 @@ from slit_lightning.encoders import HFAudioEncoder
 from slit_lightning.llm import FrozenLLM, Generation
 from slit_lightning.parts import ContrastiveHeads, TextGenerator
 from slit_lightning.qformer import QFormer, QFormerConfig
+from slit_lightning.state_check import check_state
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +219,12 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"{folder} is not an exported model (no {CONFIG}); write one with"
             " `slit export --ckpt PATH --out DIR`, or give a training checkpoint (.ckpt)"
         )
-    config = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path} is not valid JSON ({err}); export the model again") from err
+    if not isinstance(config, dict):
+        config = {"format": type(config).__name__}
     if config.get("format") != FORMAT or config.get("version", 0) > VERSION:
         raise ExportError(
             f"{path}: format {config.get('format')!r} version {config.get('version')!r} is not"
@@ -233,7 +240,7 @@ def load_exported(folder: str | Path, device: str = "cpu") -> SLIT:
     enc = config["encoder"]
     encoder = HFAudioEncoder.from_pretrained(_where(folder, enc), layer=enc["layer"])
     _same("encoder", encoder.identity, enc["identity"], folder)
-    state = load_file(str(folder / WEIGHTS))
+    state = _read_weights(folder / WEIGHTS)
     tokenizer = None
     if (folder / TOKENIZER).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER))
@@ -266,6 +273,7 @@ def _load_heads(
         config["text_pooling"],
         config["max_text_len"],
     )
+    check_state(heads.state_dict(), state, f"the heads.* weights of {WEIGHTS}", _REEXPORT)
     heads.load_state_dict(state, strict=True)
     return heads
 
@@ -287,14 +295,25 @@ def _load_generator(
         max_instruction_len=config["max_instruction_len"],
         generation=Generation(**config["generation"]),
     )
-    missing, unexpected = generator.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("llm.")]
-    if missing or unexpected:
-        raise ExportError(
-            f"{folder / WEIGHTS} does not fit the generator: missing {missing[:3]},"
-            f" unexpected {unexpected[:3]}"
-        )
+    what = f"the generator.* weights of {folder / WEIGHTS}"
+    check_state(generator.state_dict(), state, what, _REEXPORT, optional=("llm.",))
+    generator.load_state_dict(state, strict=False)
     return generator
+
+
+_REEXPORT = f"The folder's {CONFIG} and weights disagree: export the model again"
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The folder's safetensors file (never a pickle); an ExportError if it is missing or broken."""
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: export the model again")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExportError(
+            f"{path} is not a readable safetensors file ({err}); export again"
+        ) from err
 
 
 def _part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ QUESTION --ckpt PATH`` over :func:`ask`.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,8 @@ import torch
 from slit_lightning.data.audio import AudioError, crop, load_audio, pad_batch, seconds_to_samples
 from slit_lightning.llm import Generation
 from slit_lightning.stages import Instruct, SLITStage, Stage1, Stage2
-from slit_lightning.stages.base import CheckpointError
+from slit_lightning.stages.base import CheckpointError, stage_of
+from slit_lightning.state_check import read_checkpoint
 
 if TYPE_CHECKING:
     from slit_lightning.api import SLIT
@@ -31,15 +31,15 @@ def load_stage(
 
     ``encoder`` / ``llm`` point at the frozen models when they have moved since training (the
     checkpoint stores them by reference and checks that they are the same weights)."""
-    hparams = read_checkpoint(ckpt).get("hyper_parameters", {})
-    if "held_out_tasks" in hparams:
-        cls: type[SLITStage] = Instruct
-    elif "llm" in hparams:
-        cls = Stage2
-    elif "embed_dim" in hparams:
-        cls = Stage1
-    else:
+    stage = stage_of(read_checkpoint(ckpt))
+    classes: dict[str | None, type[SLITStage]] = {
+        "Instruct": Instruct,
+        "Stage2": Stage2,
+        "Stage1": Stage1,
+    }
+    if stage not in classes:
         raise CheckpointError(f"{ckpt} is not a checkpoint of a slit-lightning stage")
+    cls = classes[stage]
     overrides: dict[str, Any] = {"encoder": encoder} if encoder else {}
     if cls is not Stage1:
         overrides["init_from"] = None  # the weights come from this checkpoint
@@ -53,22 +53,15 @@ def load_stage2(
     ckpt: str | Path, device: str = "cpu", encoder: str | None = None, llm: str | None = None
 ) -> Stage2:
     """A stage-2 or instruction-tuned checkpoint (what can caption and answer), in eval mode."""
-    hparams = read_checkpoint(ckpt).get("hyper_parameters", {})
-    if "llm" not in hparams:
-        raise CheckpointError(f"{ckpt} is not a stage-2 checkpoint (it names no LLM)")
+    stage = stage_of(read_checkpoint(ckpt))
+    if stage not in ("Stage2", "Instruct"):
+        raise CheckpointError(
+            f"{ckpt} is not a stage-2 checkpoint (it is {stage or 'of no known stage'}, with no"
+            " LLM): captions and answers need a stage-2 or instruction-tuned checkpoint"
+        )
     model = load_stage(ckpt, device, encoder, llm)
     assert isinstance(model, Stage2)
     return model
-
-
-def read_checkpoint(ckpt: str | Path) -> dict[str, Any]:
-    """The checkpoint's contents (``weights_only=True``); a clear error for a missing or bad file."""
-    if not Path(ckpt).is_file():
-        raise CheckpointError(f"no checkpoint at {ckpt}")
-    try:
-        return torch.load(ckpt, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{ckpt} is not a readable checkpoint: {err}") from err
 
 
 def training_crop_seconds(ckpt: str | Path) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,10 +45,34 @@ def decode(source: str | Path | bytes, name: str | None = None) -> tuple[np.ndar
             raise AudioError(name, "empty file")
         handle = str(path)
     try:
-        data, rate = sf.read(handle, dtype="float32", always_2d=True)
+        with sf.SoundFile(handle) as audio:
+            data = audio.read(dtype="float32", always_2d=True)
+            rate, declared, log = audio.samplerate, audio.frames, audio.extra_info
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, EOFError) as err:
         raise AudioError(name, "undecodable", str(err).splitlines()[0][:200]) from err
+    cut = truncation(log, declared, data.shape[0])
+    if cut:
+        raise AudioError(name, "truncated file", cut)
     return data, int(rate)
+
+
+# libsndfile's parser log: "data : 32000 (should be 28795)" when a WAV / AIFF ends early
+_SHORT_CHUNK = re.compile(r"\b(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)")
+# sizes that streaming writers put in a header they cannot go back to fill in
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)
+
+
+def truncation(log: str, declared: int, decoded: int) -> str:
+    """Why a decoded file looks cut short ("" if it does not): its header promises more audio
+    than the file holds. A partial clip would train against a caption of the whole clip."""
+    if declared > 0 and decoded < declared * 0.99:  # e.g. an MP3 whose Xing header counts frames
+        return f"{decoded} of {declared} frames decoded"
+    if "ended unexpectedly" in log:  # an Ogg stream without its end-of-stream page
+        return "stream ends without its end-of-stream marker"
+    for promised, found in _SHORT_CHUNK.findall(log):
+        if int(promised) not in _UNKNOWN_SIZES and int(found) < int(promised):
+            return f"audio chunk holds {found} of {promised} bytes"
+    return ""
 
 
 @lru_cache(maxsize=16)

@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -100,6 +101,10 @@ class SourceSpec:
     allow_outside_root: bool = False
 
 
+# what undecodable bytes become when a CSV is read with errors="surrogateescape"
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def clean_captions(raw: Any, name: str) -> tuple[str, ...] | Skip:
     """Normalise caption(s) to a tuple of non-empty strings, or a :class:`Skip` saying why not."""
     items = raw if isinstance(raw, list | tuple) else [raw]
@@ -110,6 +115,8 @@ def clean_captions(raw: Any, name: str) -> tuple[str, ...] | Skip:
                 item = item.decode("utf-8")
             except UnicodeDecodeError:
                 return Skip(name, "undecodable caption", "not valid UTF-8")
+        if isinstance(item, str) and _SURROGATE.search(item):  # CSV bytes that are not UTF-8
+            return Skip(name, "undecodable caption", "not valid UTF-8")
         if isinstance(item, str) and item.strip():
             out.append(" ".join(item.split()))
     if not out:
@@ -451,7 +458,8 @@ def _read_jsonl(path: Path) -> list[Any]:
 def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     if not path.is_file():
         raise DataConfigError(f"{path}: CSV file not found")
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    # bytes that are not UTF-8 stay recognisable (surrogates), so their rows count as skips
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     reader = csv.DictReader(io.StringIO(text))
     columns = [c.strip() for c in reader.fieldnames or []]
     missing = [c for c in required if c not in columns]

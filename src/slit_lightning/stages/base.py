@@ -14,15 +14,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from slit_lightning.checkpointing import NonFiniteGuard, RNGState
 from slit_lightning.encoders import AudioEncoder, HFAudioEncoder
+from slit_lightning.state_check import CheckpointError, check_state
+
+__all__ = ["CheckpointError", "SLITStage", "frozen_references", "stage_of", "warmup_cosine"]
 
 log = logging.getLogger(__name__)
 
 FROZEN_REFERENCES = "slit_frozen_references"
 LEGACY_ENCODER_REFERENCE = "slit_encoder_reference"  # checkpoints written before the LLM joined
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model being built; the message names the mismatch."""
+STAGE_KEY = "slit_stage"
 
 
 def frozen_references(checkpoint: dict[str, Any]) -> dict[str, str]:
@@ -32,6 +32,18 @@ def frozen_references(checkpoint: dict[str, Any]) -> dict[str, str]:
     if LEGACY_ENCODER_REFERENCE in checkpoint:
         return {"encoder": checkpoint[LEGACY_ENCODER_REFERENCE]}
     return {}
+
+
+def stage_of(checkpoint: dict[str, Any]) -> str | None:
+    """The stage class (``Stage1``, ``Stage2``, ``Instruct``) that wrote a checkpoint: as recorded,
+    or read from its hyper-parameters (older checkpoints); None for anything else."""
+    if isinstance(checkpoint.get(STAGE_KEY), str):
+        return checkpoint[STAGE_KEY]
+    hparams = checkpoint.get("hyper_parameters") or {}
+    for key, stage in (("held_out_tasks", "Instruct"), ("llm", "Stage2"), ("embed_dim", "Stage1")):
+        if key in hparams:
+            return stage
+    return None
 
 
 class SLITStage(LightningModule):
@@ -213,6 +225,7 @@ class SLITStage(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         parts = self.frozen_parts()
         checkpoint[FROZEN_REFERENCES] = {name: identity for name, (identity, _) in parts.items()}
+        checkpoint[STAGE_KEY] = type(self).__name__
         state = checkpoint["state_dict"]
         for name, (_, keep) in parts.items():
             if not keep:
@@ -220,6 +233,14 @@ class SLITStage(LightningModule):
                     del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # before Lightning's strict load: a clear refusal instead of torch's raw key/size errors
+        ours, theirs = type(self).__name__, stage_of(checkpoint)
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"this is a {theirs} checkpoint, but the model is {ours}: resume a run with the"
+                f" config of the stage that wrote it; to start {ours} from an earlier stage, set"
+                " model.init_from to the checkpoint instead of passing it as ckpt_path"
+            )
         saved = frozen_references(checkpoint)
         state = checkpoint["state_dict"]
         for name, (identity, _) in self.frozen_parts().items():
@@ -232,6 +253,13 @@ class SLITStage(LightningModule):
                 # saved by reference: the part just loaded from its folder is the one it names
                 module = getattr(self, name)
                 state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        check_state(
+            self.state_dict(),
+            state,
+            f"the {theirs or 'unknown-stage'} checkpoint loaded into this {ours}",
+            "Build the model with the checkpoint's settings (num_queries, qformer_layers, bert,"
+            " embed_dim, ...): resume with the config of the run that wrote it",
+        )
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:

@@ -33,6 +33,7 @@ from slit_lightning.metrics.answers import score_answers
 from slit_lightning.qformer import AudioKV
 from slit_lightning.stages.base import CheckpointError, frozen_references
 from slit_lightning.stages.stage2 import Stage2, _gather, _scored_on_rank_zero
+from slit_lightning.state_check import check_state
 
 VALIDATION_TASKS = ("caption", "qa", "classify", "tag")
 
@@ -92,6 +93,12 @@ class Instruct(Stage2):
             if k.startswith("llm_proj.")
         }
         if proj:
+            check_state(
+                self.llm_proj.state_dict(),
+                proj,
+                f"model.init_from: the projection of {path} loaded into this Instruct",
+                "Start from a stage-2 checkpoint trained into the same LLM",
+            )
             self.llm_proj.load_state_dict(proj)
         return checkpoint
 

@@ -15,14 +15,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from slit_lightning.llm import FrozenLLM, Generation
 from slit_lightning.metrics.captioning import CaptionScores, caption_metrics, require_java
 from slit_lightning.qformer import AudioKV, QFormer
-from slit_lightning.stages.base import CheckpointError, SLITStage, frozen_references
+from slit_lightning.stages.base import CheckpointError, SLITStage, frozen_references, stage_of
+from slit_lightning.state_check import check_state, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Stage2(SLITStage):
                 f"model.init_from: no stage-1 checkpoint at {path}; train one with"
                 " `slit fit --config conf/stage1.yaml` (it writes .../checkpoints/last.ckpt)"
             )
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)
         encoder = frozen_references(checkpoint).get("encoder")
         if encoder is not None and encoder != self.encoder.identity:
             raise CheckpointError(
@@ -133,9 +133,18 @@ class Stage2(SLITStage):
             k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
         }
         if not weights:
-            raise ValueError(
-                f"{path} holds no Q-Former weights (qformer.*): not a stage checkpoint"
+            raise CheckpointError(
+                f"model.init_from: {path} holds no Q-Former weights (qformer.*): not a stage"
+                " checkpoint"
             )
+        check_state(
+            self.qformer.state_dict(),
+            weights,
+            f"model.init_from: the Q-Former of {path} ({stage_of(checkpoint) or 'unknown stage'})"
+            f" loaded into this {type(self).__name__}'s Q-Former",
+            "Set model.num_queries, model.qformer_layers, model.cross_attention_freq and"
+            " model.bert to the values that checkpoint was trained with",
+        )
         self.qformer.load_converted(weights, strict=True)
         return checkpoint
 
