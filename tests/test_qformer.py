@@ -588,3 +588,41 @@ def test_cross_attention_weights_per_layer_ignore_padding(qformer: QFormer, batc
     )
     assert not torch.allclose(instructed[0], weights[0])
     assert all(not layer.cross_attn._forward_hooks for layer in qformer.layers if layer.cross_attn)
+
+
+# ---------------------------------------------------------------- query states reused by a causal pass
+
+
+def test_causal_text_pass_on_cached_query_states_equals_the_joint_pass(qformer, batch) -> None:
+    kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
+    joint = qformer(
+        audio_kv=kv, text_ids=batch["text_ids"], text_mask=batch["text_mask"], mode="causal"
+    )
+    first = qformer(audio_kv=kv, mode="unimodal")
+    assert first.query_states is not None and len(first.query_states) == len(qformer.layers)
+    cached = qformer(
+        text_ids=batch["text_ids"], text_mask=batch["text_mask"], mode="causal",
+        query_states=first.query_states,
+    )  # fmt: skip
+    real = batch["text_mask"].bool()
+    assert_close(cached.text[real], joint.text[real], atol=1e-5, rtol=1e-5)
+    assert_close(first.query, joint.query, atol=1e-5, rtol=1e-5)
+    # the text's loss reaches the queries (and the audio projection) through the cached states
+    cached.text[real].square().sum().backward()
+    assert qformer.query_tokens.grad is not None and qformer.query_tokens.grad.abs().sum() > 0
+    cross = next(layer.cross_attn for layer in qformer.layers if layer.cross_attn is not None)
+    assert cross.key.weight.grad.abs().sum() > 0
+
+
+def test_query_states_only_where_the_queries_saw_no_text_and_only_for_causal_text(
+    qformer, batch
+) -> None:
+    kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
+    text = {"text_ids": batch["text_ids"], "text_mask": batch["text_mask"]}
+    assert qformer(audio_kv=kv, mode="bidirectional", **text).query_states is None
+    assert qformer(audio_kv=kv, mode="causal", **text).query_states is not None
+    states = qformer(audio_kv=kv).query_states
+    with pytest.raises(ValueError, match="causal"):
+        qformer(mode="bidirectional", query_states=states, **text)
+    with pytest.raises(ValueError, match="layers"):
+        qformer(mode="causal", query_states=states[:1], **text)

@@ -126,6 +126,10 @@ class QFormerOutput:
     """(B, N, H) query outputs."""
     text: Tensor | None
     """(B, L, H) text outputs."""
+    query_states: list[tuple[Tensor, Tensor]] | None = None
+    """Per layer, the self-attention keys and values of the query positions, each
+    (B, heads, N, H / heads); set when the queries saw no text (``unimodal`` and ``causal``), so
+    that a later ``causal`` text pass can attend to them instead of running the queries again."""
 
 
 @dataclass
@@ -245,18 +249,29 @@ class QFormerLayer(nn.Module):
         mask: Tensor | None,
         audio_kv: tuple[Tensor, Tensor] | None,
         audio_mask: Tensor | None,
-    ) -> Tensor:
-        """x (B, N + L, H) -> (B, N + L, H); the first `num_queries` positions are queries."""
-        x = self.self_attn(x, mask)
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, N + L, H) -> (B, N + L, H), and the self-attention keys/values of the first
+        `num_queries` positions (the queries), each (B, heads, N, H / heads)."""
+        keys, values = self.self_attn.keys_values(x)
+        x = self.self_attn(x, mask, kv=(keys, values))
+        query_kv = (keys[:, :, :num_queries], values[:, :, :num_queries])
         if num_queries == 0:
-            return self.ffn(x)
+            return self.ffn(x), query_kv
         queries, text = x[:, :num_queries], x[:, num_queries:]
         if self.cross_attn is not None:
             queries = self.cross_attn(queries, audio_mask, kv=audio_kv)
         queries = self.ffn_query(queries)
         if text.shape[1] == 0:
-            return queries
-        return torch.cat([queries, self.ffn(text)], dim=1)
+            return queries, query_kv
+        return torch.cat([queries, self.ffn(text)], dim=1), query_kv
+
+    def text_after_queries(
+        self, text: Tensor, mask: Tensor | None, query_kv: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """Text rows (B, L, H) attending to [the queries' cached keys/values; the text]."""
+        keys, values = self.self_attn.keys_values(text)
+        kv = (torch.cat([query_kv[0], keys], dim=2), torch.cat([query_kv[1], values], dim=2))
+        return self.ffn(self.self_attn(text, mask, kv=kv))
 
 
 class TextEmbeddings(nn.Module):
@@ -424,6 +439,7 @@ class QFormer(nn.Module):
         audio_kv: AudioKV | None = None,
         audio_index: Tensor | None = None,
         use_queries: bool = True,
+        query_states: list[tuple[Tensor, Tensor]] | None = None,
     ) -> QFormerOutput:
         """Encode queries (reading the audio) and/or text.
 
@@ -436,10 +452,17 @@ class QFormer(nn.Module):
             audio_kv: `audio_keys_values(...)` computed earlier, instead of `audio`.
             audio_index: (B',) rows of the audio batch that pair with the text rows (hard negatives).
             use_queries: False encodes the text alone (the contrastive loss's text encoder).
+            query_states: ``QFormerOutput.query_states`` of an earlier pass over the same clips:
+                a ``causal`` text pass then attends to them instead of running the queries again
+                (in that mode the queries never see the text, so they would come out the same;
+                BLIP-2's image-grounded text generation reuses them the same way). Gradients flow
+                back into the earlier pass.
 
         Returns:
-            `QFormerOutput(query=(B', N, H) | None, text=(B', L, H) | None)`.
+            `QFormerOutput(query=(B', N, H) | None, text=(B', L, H) | None, query_states=...)`.
         """
+        if query_states is not None:
+            return self._text_after_queries(text_ids, text_mask, mode, query_states)
         kv = self._audio_kv(audio, audio_mask, audio_kv, audio_index) if use_queries else None
         queries = None if kv is None else self.query_tokens.expand(kv.batch_size, -1, -1)
         _check_text(text_ids, text_mask, None if queries is None else queries.shape[0])
@@ -447,12 +470,40 @@ class QFormer(nn.Module):
         length = 0 if text_ids is None else text_ids.shape[1]
         x = self.embeddings(text_ids, queries)
         mask = attention_mask(mode, n, text_mask, length, x.device)
+        states = []
         for i, layer in enumerate(self.layers):
             layer_kv = None if kv is None else kv.layers.get(i)
-            x = layer(x, n, mask, layer_kv, None if kv is None else kv.mask)
+            x, query_kv = layer(x, n, mask, layer_kv, None if kv is None else kv.mask)
+            states.append(query_kv)
+        unseen = n and (text_ids is None or mode in ("unimodal", "causal"))
         return QFormerOutput(
-            query=x[:, :n] if n else None, text=x[:, n:] if text_ids is not None else None
+            query=x[:, :n] if n else None,
+            text=x[:, n:] if text_ids is not None else None,
+            query_states=states if unseen else None,
         )
+
+    def _text_after_queries(
+        self,
+        text_ids: Tensor | None,
+        text_mask: Tensor | None,
+        mode: AttentionMode,
+        query_states: list[tuple[Tensor, Tensor]],
+    ) -> QFormerOutput:
+        """The text part of a ``causal`` pass whose queries ran earlier (see ``forward``)."""
+        if mode != "causal" or text_ids is None:
+            raise ValueError("query_states serve a causal pass over text (mode='causal', text_ids)")
+        if len(query_states) != len(self.layers):
+            raise ValueError(
+                f"query_states has {len(query_states)} layers, the Q-Former {len(self.layers)}"
+            )
+        n = query_states[0][0].shape[2]
+        _check_text(text_ids, text_mask, query_states[0][0].shape[0])
+        x = self.embeddings(text_ids, None)
+        mask = attention_mask(mode, n, text_mask, text_ids.shape[1], x.device)
+        mask = None if mask is None else mask[:, :, n:]  # the text rows: (B|1, 1, L, N + L)
+        for layer, query_kv in zip(self.layers, query_states, strict=True):
+            x = layer.text_after_queries(x, mask, query_kv)
+        return QFormerOutput(query=None, text=x)
 
     @torch.no_grad()
     def cross_attention_weights(

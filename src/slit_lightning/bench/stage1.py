@@ -4,7 +4,9 @@ Ours projects each clip's cross-attention keys/values once per step and reuses t
 pass, and applies the vocabulary projection of the generation loss only where a label is. The
 reference projects the audio again for each matching pass (B rows for the query pass plus 3B for
 matching) and computes vocabulary logits at every text position, as BLIP-2's ``Blip2Qformer``
-does. Same weights, inputs and sampled hard negatives: both must give the same losses.
+does. Both reuse the query pass's self-attention keys/values in the generation pass, as BLIP-2
+does with ``past_key_values``. Same weights, inputs and sampled hard negatives: both must give the
+same losses.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 
 from slit_lightning.bench.measure import count_flops, interleaved, peak_memory
 from slit_lightning.losses import generation_loss, labels_from_ids
-from slit_lightning.qformer import AudioKV
 from slit_lightning.stages import Stage1
+from slit_lightning.stages.base import fused_adamw_supported
 
 PRESETS = {
     "tiny": {"layers": 2, "width": 32, "heads": 4, "steps": 1, "audio_width": 64},  # tests
@@ -39,8 +41,12 @@ class Blip2StyleStage1(FeatureStage1):
     """The reference: keys/values projected per pass (``reuse_audio_kv=False``) and the
     generation loss over logits of every text position."""
 
-    def _generation_loss(self, kv: AudioKV, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        text = self.qformer(audio_kv=kv, text_ids=ids, text_mask=mask, mode="causal").text
+    def _generation_loss(
+        self, query_states: Any, ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        text = self.qformer(
+            text_ids=ids, text_mask=mask, mode="causal", query_states=query_states
+        ).text  # BLIP-2 too reuses the query pass (past_key_values)
         return generation_loss(self.qformer.lm_logits(text), labels_from_ids(ids, mask))
 
 
@@ -87,7 +93,8 @@ def _record_losses(model: Stage1) -> dict[str, float]:
 
 def training_step(model: Any, batch: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
     """One forward + backward + AdamW step of a stage, as a callable, and its optimiser."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-9)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-9, fused=fused_adamw_supported(params))
 
     def step() -> None:
         model.training_step(batch, 0).backward()

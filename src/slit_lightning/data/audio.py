@@ -44,16 +44,37 @@ def decode(source: str | Path | bytes, name: str | None = None) -> tuple[np.ndar
         if path.stat().st_size == 0:
             raise AudioError(name, "empty file")
         handle = str(path)
+    size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
     try:
         with sf.SoundFile(handle) as audio:
+            implausible = _implausible_length(audio.frames, audio.channels, size)
+            if implausible:
+                raise AudioError(name, "undecodable", implausible)
             data = audio.read(dtype="float32", always_2d=True)
             rate, declared, log = audio.samplerate, audio.frames, audio.extra_info
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, EOFError) as err:
         raise AudioError(name, "undecodable", str(err).splitlines()[0][:200]) from err
+    except MemoryError as err:  # a header that passed the check above and still asks too much
+        raise AudioError(name, "undecodable", "too large to decode in memory") from err
     cut = truncation(log, declared, data.shape[0])
     if cut:
         raise AudioError(name, "truncated file", cut)
     return data, int(rate)
+
+
+# Decoded float32 bytes per file byte that no real codec reaches (Opus at 6 kbit/s, 48 kHz stereo
+# decodes to about 500 times its size); a header claiming more is corrupt, and reading it would
+# try to allocate what it claims.
+_MAX_EXPANSION = 4000
+_MAX_SMALL_FILE_BYTES = 256 * 2**20  # small files may still hold a short clip
+
+
+def _implausible_length(frames: int, channels: int, file_bytes: int) -> str:
+    """Why a header's frame count cannot be true for a file of ``file_bytes`` ("" if it can)."""
+    decoded = frames * max(channels, 1) * 4
+    if decoded > max(_MAX_EXPANSION * file_bytes, _MAX_SMALL_FILE_BYTES):
+        return f"header claims {frames} frames x {channels} channels for a {file_bytes}-byte file"
+    return ""
 
 
 # libsndfile's parser log: "data : 32000 (should be 28795)" when a WAV / AIFF ends early

@@ -116,7 +116,10 @@ class Stage1(SLITStage):
 
     def audio_embeddings(self, kv: AudioKV) -> Tensor:
         """Queries read the audio -> ``(B, N, E)`` normalised contrastive features."""
-        queries = self.qformer(audio_kv=kv, mode="unimodal").query
+        return self.project_queries(self.qformer(audio_kv=kv, mode="unimodal").query)
+
+    def project_queries(self, queries: Tensor) -> Tensor:
+        """Query outputs ``(B, N, H)`` -> ``(B, N, E)`` normalised contrastive features."""
         return F.normalize(self.audio_proj(queries), dim=-1)
 
     def text_embeddings(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -158,8 +161,10 @@ class Stage1(SLITStage):
         )
         with torch.no_grad():
             self.temperature.clamp_(0.001, 0.5)
+        # the queries' pass: contrastive features, and the states the generation pass reuses
+        queries = self.qformer(audio_kv=kv, mode="unimodal")
         atc = contrastive_loss(
-            self.audio_embeddings(kv),
+            self.project_queries(queries.query),
             self.text_embeddings(ids, mask),
             batch["clip_key"],
             self.temperature,
@@ -172,7 +177,7 @@ class Stage1(SLITStage):
             self.negatives_generator(batch_idx),
         )
         atm = self._matching_loss(neg, kv, feats, frames, ids, mask)
-        atg = self._generation_loss(kv, ids, mask)
+        atg = self._generation_loss(queries.query_states, ids, mask)
         hp = self.hparams
         loss = hp.loss_atc * atc.loss + hp.loss_atm * atm + hp.loss_atg * atg
         size = len(batch["caption"])
@@ -235,10 +240,13 @@ class Stage1(SLITStage):
         )
         return matching_loss(logits, labels)
 
-    def _generation_loss(self, kv: AudioKV, ids: Tensor, mask: Tensor) -> Tensor:
-        """ATG: next-token loss of the caption given the queries; the vocabulary projection runs
-        only at positions that have a label (padding never reaches it)."""
-        text = self.qformer(audio_kv=kv, text_ids=ids, text_mask=mask, mode="causal").text
+    def _generation_loss(self, query_states: Any, ids: Tensor, mask: Tensor) -> Tensor:
+        """ATG: next-token loss of the caption given the queries (their states from the step's
+        query pass, not run again); the vocabulary projection runs only at positions that have a
+        label (padding never reaches it)."""
+        text = self.qformer(
+            text_ids=ids, text_mask=mask, mode="causal", query_states=query_states
+        ).text
         return generation_loss(text, labels_from_ids(ids, mask), head=self.qformer.lm_logits)
 
     # ------------------------------------------------------------------ retrieval evaluation
