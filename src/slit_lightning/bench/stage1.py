@@ -72,11 +72,15 @@ def save_models(folder: Path, preset: dict[str, int], audio_width: int) -> Path:
 
 
 def feature_batch(batch_size: int, frames: int, width: int, device: str) -> dict[str, Any]:
-    """Random encoder features and fixed captions (about 10 BERT tokens each)."""
+    """Random encoder features and fixed captions (over 32 BERT tokens each)."""
     return {
         "feats": torch.randn(batch_size, frames, width, device=device),
         "frames": torch.ones(batch_size, frames, dtype=torch.bool, device=device),
-        "caption": [f"caption number {i} with a few more words" for i in range(batch_size)],
+        # 32 BERT tokens each once truncated at max_text_len (the issue's text length)
+        "caption": [
+            " then ".join(f"a loud sound number {i * 5 + k} over soft noise" for k in range(4))
+            for i in range(batch_size)
+        ],
         "clip_key": torch.arange(batch_size, device=device),
     }
 
