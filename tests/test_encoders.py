@@ -494,3 +494,39 @@ def test_bootstrap_on_the_default_corpus_tags_well_above_chance(tmp_path: Path) 
     metrics = bootstrap_encoder(tmp_path / "corpus", tmp_path / "encoder", seed=0)
     print(json.dumps({k: v for k, v in metrics.items() if k != "labels"}))
     assert metrics["val_map"] > max(0.6, 3 * metrics["chance_map"])
+
+
+def test_in_memory_clips_serve_every_clip_once_per_epoch_in_a_new_order():
+    from slit_lightning.encoder_small import InMemoryClips
+
+    waves = [torch.full((n,), float(i)) for i, n in enumerate([5, 7, 3, 7, 6])]
+    rows = [[f"label{i}"] for i in range(5)]
+    padded = [torch.nn.functional.pad(w, (0, 7 - w.shape[0])) for w in waves]
+    masks = [torch.arange(7) < w.shape[0] for w in waves]
+    batches = [
+        {
+            "audio": torch.stack(padded[:3]),
+            "audio_mask": torch.stack(masks[:3]),
+            "labels": rows[:3],
+        },
+        {
+            "audio": torch.stack(padded[3:]),
+            "audio_mask": torch.stack(masks[3:]),
+            "labels": rows[3:],
+        },
+    ]
+    clips = InMemoryClips(batches)
+    epochs = list(clips.epochs(3, 2, torch.Generator().manual_seed(0)))
+    orders = []
+    for epoch in epochs:
+        seen = [label[0] for batch in epoch for label in batch["labels"]]
+        assert sorted(seen) == [f"label{i}" for i in range(5)]
+        orders.append(seen)
+        for batch in epoch:  # each clip's samples and mask travel with its label
+            for wave, mask, label in zip(
+                batch["audio"], batch["audio_mask"], batch["labels"], strict=True
+            ):
+                i = int(label[0][-1])
+                assert int(mask.sum()) == waves[i].shape[0] and (wave[mask] == i).all()
+            assert batch["audio"].shape[1] == int(batch["audio_mask"].sum(1).max())
+    assert len({tuple(o) for o in orders}) > 1

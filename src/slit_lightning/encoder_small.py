@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,6 +30,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
 from slit_lightning.atomic import save_folder_atomic
+from slit_lightning.data.audio import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,9 @@ def _train_tagger(
         model = SmallAudioModel(config)
         head = nn.Linear(2 * config.hidden_size, len(labels))
         steps = epochs * math.ceil(n_train / batch_size)
-        loss = _fit(model, head, data, labels, epochs, steps, lr, progress)
+        clips = InMemoryClips(data.loader("train"))
+        batches = clips.epochs(epochs, batch_size, torch.Generator().manual_seed(seed))
+        loss = _fit(model, head, batches, labels, steps, lr, progress)
     scores, targets = _predict(model, head, data.loader("val"), labels)
     metrics = {
         "val_map": round(average_precision(scores, targets), 4),
@@ -411,12 +414,46 @@ def _pooled_logits(model: SmallAudioModel, head: nn.Linear, batch: dict[str, Any
     return head(torch.cat([mean, peak], dim=-1))
 
 
+class InMemoryClips:
+    """The training split decoded once and kept as tensors (224 MB for the built-in corpus), so
+    that every later epoch reshuffles clips instead of decoding and resampling every file again
+    (on 2 cores that was about a third of the bootstrap's time)."""
+
+    def __init__(self, batches: Iterable[dict[str, Any]]) -> None:
+        waves, self.labels = [], []
+        for batch in batches:
+            for wave, mask, row in zip(
+                batch["audio"], batch["audio_mask"], batch["labels"], strict=True
+            ):
+                waves.append(wave[mask])
+                self.labels.append(row)
+        if not waves:
+            raise ValueError("the training split holds no usable clip")
+        self.audio, self.mask = pad_batch(waves)
+
+    def epochs(
+        self, count: int, batch_size: int, generator: torch.Generator
+    ) -> Iterator[list[dict[str, Any]]]:
+        """``count`` epochs, each a list of batches of a fresh permutation of the clips."""
+        for _ in range(count):
+            order = torch.randperm(len(self.labels), generator=generator)
+            yield [self._batch(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+    def _batch(self, index: Tensor) -> dict[str, Any]:
+        mask = self.mask[index]
+        length = int(mask.sum(1).max())  # cut the batch to its longest clip
+        return {
+            "audio": self.audio[index, :length],
+            "audio_mask": mask[:, :length],
+            "labels": [self.labels[i] for i in index.tolist()],
+        }
+
+
 def _fit(
     model: SmallAudioModel,
     head: nn.Linear,
-    data: Any,
+    epochs: Iterable[list[dict[str, Any]]],
     labels: list[str],
-    epochs: int,
     total: int,
     lr: float,
     progress: Callable[[int, int], None] | None,
@@ -432,9 +469,9 @@ def _fit(
     model.train()
     head.train()
     step, mean = 0, 0.0
-    for _ in range(epochs):
+    for batches in epochs:
         losses = []
-        for batch in data.loader("train"):
+        for batch in batches:
             logits = _pooled_logits(model, head, batch)
             loss = F.binary_cross_entropy_with_logits(logits, _multi_hot(batch["labels"], labels))
             optimizer.zero_grad(set_to_none=True)
