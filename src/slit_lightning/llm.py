@@ -237,7 +237,11 @@ class FrozenLLM(nn.Module):
             target_ids = [[*row, eos] for row in self._ids(targets, False, max_target_len)]
             embeds, mask = self._inputs(soft_prompt, prompt_ids, heads, left=False)
             labels = _pad(target_ids, IGNORE_INDEX, soft_prompt.device)
-            logits = self.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits
+            # the decoder's inputs from the labels, without the model's own loss on top of ours
+            decoder_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = self.model(
+                inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids
+            ).logits
             return generation_loss(logits, labels, shift=False)
         continued = self._continuations(prompts, prompt_ids, targets)
         target_ids = [[*row[:max_target_len], eos] for row in continued]

@@ -108,7 +108,8 @@ def training_step(model: Any, batch: dict[str, Any]) -> tuple[Any, torch.optim.O
     return step, optimizer
 
 
-def _forward_backward_flops(model: Stage1, batch: dict[str, Any]) -> int:
+def forward_backward_flops(model: Any, batch: dict[str, Any]) -> int:
+    """FLOPs of one forward + backward of a stage's training step (gradients cleared after)."""
     flops = count_flops(lambda: model.training_step(batch, 0).backward())
     model.zero_grad(set_to_none=True)
     return flops
@@ -140,7 +141,7 @@ def bench_stage1_kv_reuse(
     for model, record in zip(models, records, strict=True):
         model.training_step(batch, 0)  # same weights, same per-step negatives: same losses
         losses.append([record[f"train/loss_{k}"] for k in ("atc", "atm", "atg")])
-    flops = [_forward_backward_flops(m, batch) for m in models]
+    flops = [forward_backward_flops(m, batch) for m in models]
     (step, optimizer), (ref_step, _) = [training_step(m, batch) for m in models]
     ours_s, ref_s = interleaved([step, ref_step], steps or sizes["steps"])
     with peak_memory(ours, optimizer) as memory:

@@ -9,8 +9,14 @@ from typing import Any
 
 import torch
 
-from slit_lightning.bench.measure import count_flops, interleaved, peak_memory
-from slit_lightning.bench.stage1 import PRESETS, feature_batch, save_models, training_step
+from slit_lightning.bench.measure import interleaved, peak_memory
+from slit_lightning.bench.stage1 import (
+    PRESETS,
+    feature_batch,
+    forward_backward_flops,
+    save_models,
+    training_step,
+)
 from slit_lightning.stages import Stage2
 
 #: the LLM per preset: layers, width, heads, vocabulary (OPT-125m: 12 x 768, 50272 words)
@@ -74,8 +80,7 @@ def bench_stage2_step(
         for i in range(batch_size)
     ]
     step, optimizer = training_step(model, batch)
-    flops = count_flops(lambda: model.training_step(batch, 0).backward())
-    optimizer.zero_grad(set_to_none=True)
+    flops = forward_backward_flops(model, batch)
     (step_s,) = interleaved([step], steps or sizes["steps"])
     with peak_memory(model, optimizer) as memory:
         step()
