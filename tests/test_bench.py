@@ -13,7 +13,7 @@ from slit_lightning.bench.measure import count_flops, matmul_peak, peak_memory
 
 
 def test_reused_and_recomputed_audio_kv_give_the_same_losses():
-    result = bench_stage1_kv_reuse("tiny", frames=20, batch_size=4, peak_flops=1e12)
+    result = bench_stage1_kv_reuse("tiny", frames=20, batch_size=4, peak_flops=1e8)
     assert result["same_losses"], result
     assert result["ours_s"] > 0 and result["blip2_style_s"] > 0
     # the reference projects the audio for 4B rows and the vocabulary at every text position

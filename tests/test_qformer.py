@@ -24,6 +24,7 @@ from slit_lightning.qformer import (
     AttentionMode,
     QFormer,
     QFormerConfig,
+    StackedAudioKV,
     attention_mask,
     minilm_path,
 )
@@ -447,6 +448,53 @@ def test_audio_kv_reuse_and_index(qformer: QFormer, batch: dict) -> None:
     assert_close(gathered.query, reference.query, atol=1e-6, rtol=0)
     assert_close(gathered.text, reference.text, atol=1e-6, rtol=0)
     assert len(kv.layers) == 1 and kv.batch_size == 3  # layer 0 only, with cross_attention_freq=2
+
+
+def test_repeated_and_stacked_audio_kv_equal_a_copied_batch(qformer: QFormer, batch: dict) -> None:
+    """Rows [clips; clips; clips 2, 0] through `repeat` + `StackedAudioKV` (no copy for the first
+    2B) give what the same rows give with their audio copied out, gradients included."""
+    index = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0])
+    rows = [0, 1, 2, 2, 0, 1, 0, 1]
+    texts = {"text_ids": batch["text_ids"][rows], "text_mask": batch["text_mask"][rows]}
+    outputs, grads = [], []
+    for paired in (True, False):
+        qformer.zero_grad()
+        kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
+        audio = (
+            StackedAudioKV((kv.repeat(2), kv.select(index[6:])))
+            if paired
+            else qformer.audio_keys_values(batch["audio"][index], batch["audio_mask"][index])
+        )
+        out = qformer(audio_kv=audio, **texts, mode="bidirectional")
+        (out.query.square().sum() + out.text.square().sum()).backward()
+        outputs.append(out)
+        grads.append(qformer.layers[0].cross_attn.key.weight.grad.clone())
+    assert audio.batch_size == 8 and kv.repeat(2).batch_size == 6 and kv.repeat(2).clips == 3
+    assert_close(outputs[0].query, outputs[1].query, atol=1e-5, rtol=0)
+    assert_close(outputs[0].text, outputs[1].text, atol=1e-5, rtol=0)
+    assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+    assert grads[0].abs().sum() > 0
+
+
+def test_shared_text_embeddings_equal_token_ids(qformer: QFormer, batch: dict) -> None:
+    words = qformer.embed_text(batch["text_ids"])
+    with torch.no_grad():
+        by_ids = qformer(**batch, mode="causal")
+        by_embeds = qformer(
+            batch["audio"], batch["audio_mask"], text_embeds=words,
+            text_mask=batch["text_mask"], mode="causal",
+        )  # fmt: skip
+        later = qformer(
+            text_embeds=words, text_mask=batch["text_mask"], mode="causal",
+            query_states=by_ids.query_states,
+        )  # fmt: skip
+    assert torch.equal(by_ids.query, by_embeds.query) and torch.equal(by_ids.text, by_embeds.text)
+    assert_close(later.text, by_ids.text, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        qformer(**batch, text_embeds=words)
+    with pytest.raises(ValueError, match="a StackedAudioKV is paired already"):
+        kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
+        qformer(audio_kv=StackedAudioKV((kv,)), audio_index=torch.tensor([0]))
 
 
 def test_audio_kv_gradients_reach_cross_attention(qformer: QFormer, batch: dict) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "QFormer",
     "QFormerConfig",
     "QFormerOutput",
+    "StackedAudioKV",
     "attention_mask",
     "minilm_path",
 ]
@@ -140,19 +141,64 @@ class AudioKV:
     """Layer index -> (keys, values), each (B, heads, T, head_dim)."""
     mask: Tensor | None
     """(B, 1, 1, T) bool, True = attend; None = no padding."""
+    repeats: int = 1
+    """The rows that read these clips: ``repeats`` copies of the batch in turn, row ``r`` reading
+    clip ``r % B`` (see `repeat`); the keys/values are never copied for them."""
+
+    @property
+    def clips(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[0]
 
     @property
     def batch_size(self) -> int:
-        return next(iter(self.layers.values()))[0].shape[0]
+        """Rows of a pass that reads these keys/values."""
+        return self.repeats * self.clips
+
+    def repeat(self, times: int) -> AudioKV:
+        """The same clips read by ``times`` copies of the batch (e.g. each clip with its caption and
+        with a hard-negative caption). No copy: the copies' queries are stacked along the query
+        axis of one attention call per clip, which gives each row exactly what a copied batch
+        would (attention rows are independent), with each clip's keys/values read once."""
+        return dataclasses.replace(self, repeats=self.repeats * times)
 
     def select(self, index: Tensor) -> AudioKV:
-        """Rows `index` (B',) of every layer's keys/values: re-pairs clips without re-projecting."""
+        """Rows `index` (B',): re-pairs clips with other rows without re-projecting (a copy)."""
+        index = index % self.clips if self.repeats > 1 else index
         return AudioKV(
             {
                 i: (k.index_select(0, index), v.index_select(0, index))
                 for i, (k, v) in self.layers.items()
             },
             None if self.mask is None else self.mask.index_select(0, index),
+        )
+
+    def attend(self, attention: Attention, queries: Tensor, layer: int) -> Tensor:
+        """``queries`` (batch_size, N, H) cross-attend to layer ``layer``'s keys/values."""
+        kv = self.layers[layer]
+        if self.repeats == 1:
+            return attention(queries, self.mask, kv=kv)
+        copies, (rows, n, width) = self.repeats, queries.shape
+        stacked = queries.view(copies, rows // copies, n, width).transpose(0, 1)
+        out = attention(stacked.reshape(rows // copies, copies * n, width), self.mask, kv=kv)
+        return out.view(rows // copies, copies, n, width).transpose(0, 1).reshape(rows, n, width)
+
+
+@dataclass
+class StackedAudioKV:
+    """The rows of one pass read several `AudioKV` in turn: the first ``parts[0].batch_size`` rows
+    the first, and so on; e.g. BLIP-2's matching pass, whose rows are B (clip, caption) pairs, B
+    (clip, negative caption) and B (negative clip, caption), in one forward."""
+
+    parts: tuple[AudioKV, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return sum(part.batch_size for part in self.parts)
+
+    def attend(self, attention: Attention, queries: Tensor, layer: int) -> Tensor:
+        chunks = queries.split([part.batch_size for part in self.parts])
+        return torch.cat(
+            [part.attend(attention, c, layer) for part, c in zip(self.parts, chunks, strict=True)]
         )
 
 
@@ -233,6 +279,7 @@ class QFormerLayer(nn.Module):
 
     def __init__(self, config: QFormerConfig, layer_idx: int) -> None:
         super().__init__()
+        self.index = layer_idx
         self.self_attn = Attention(config, config.hidden_size)
         self.cross_attn = (
             Attention(config, config.encoder_width)
@@ -247,19 +294,19 @@ class QFormerLayer(nn.Module):
         x: Tensor,
         num_queries: int,
         mask: Tensor | None,
-        audio_kv: tuple[Tensor, Tensor] | None,
-        audio_mask: Tensor | None,
+        audio: AudioKV | StackedAudioKV | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, N + L, H) -> (B, N + L, H), and the self-attention keys/values of the first
-        `num_queries` positions (the queries), each (B, heads, N, H / heads)."""
+        `num_queries` positions (the queries), each (B, heads, N, H / heads). The queries read
+        ``audio``'s keys/values of this layer if it has cross-attention."""
         keys, values = self.self_attn.keys_values(x)
         x = self.self_attn(x, mask, kv=(keys, values))
         query_kv = (keys[:, :, :num_queries], values[:, :, :num_queries])
         if num_queries == 0:
             return self.ffn(x), query_kv
         queries, text = x[:, :num_queries], x[:, num_queries:]
-        if self.cross_attn is not None:
-            queries = self.cross_attn(queries, audio_mask, kv=audio_kv)
+        if self.cross_attn is not None and audio is not None:
+            queries = audio.attend(self.cross_attn, queries, self.index)
         queries = self.ffn_query(queries)
         if text.shape[1] == 0:
             return queries, query_kv
@@ -284,18 +331,20 @@ class TextEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, text_ids: Tensor | None, queries: Tensor | None) -> Tensor:
-        """text_ids (B, L), queries (B, N, H) -> (B, N + L, H); text positions count from 0."""
-        parts = [] if queries is None else [queries]
-        if text_ids is not None:
-            length = text_ids.shape[1]
-            if length > self.position.num_embeddings:
-                raise ValueError(
-                    f"text of {length} tokens is longer than max_position_embeddings="
-                    f"{self.position.num_embeddings}; truncate it in the tokenizer"
-                )
-            positions = torch.arange(length, device=text_ids.device)
-            parts.append(self.word(text_ids) + self.position(positions))
+    def lookup(self, text_ids: Tensor) -> Tensor:
+        """text_ids (B, L) -> word + position embeddings (B, L, H); positions count from 0."""
+        length = text_ids.shape[1]
+        if length > self.position.num_embeddings:
+            raise ValueError(
+                f"text of {length} tokens is longer than max_position_embeddings="
+                f"{self.position.num_embeddings}; truncate it in the tokenizer"
+            )
+        positions = torch.arange(length, device=text_ids.device)
+        return self.word(text_ids) + self.position(positions)
+
+    def forward(self, text: Tensor | None, queries: Tensor | None) -> Tensor:
+        """text (B, L, H) from `lookup`, queries (B, N, H) -> normalised (B, N + L, H)."""
+        parts = [p for p in (queries, text) if p is not None]
         x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return self.dropout(self.norm(x))
 
@@ -352,19 +401,20 @@ def attention_mask(
     return (allowed | (eye & ~allowed.any(-1, keepdim=True)))[:, None]
 
 
-def _check_text(text_ids: Tensor | None, text_mask: Tensor | None, batch: int | None) -> None:
-    """Text (B', L) must fit its mask and the queries' batch `batch` (None: no queries)."""
-    if text_ids is None:
+def _check_text(text: Tensor | None, text_mask: Tensor | None, batch: int | None) -> None:
+    """Embedded text (B', L, H) must fit its mask and the queries' batch `batch` (None: no
+    queries)."""
+    if text is None:
         if batch is None:
             raise ValueError("nothing to encode: pass text_ids, or use_queries=True with audio")
         if text_mask is not None:
             raise ValueError("text_mask given without text_ids")
         return
-    if text_mask is not None and text_mask.shape != text_ids.shape:
-        raise ValueError(f"text_mask {tuple(text_mask.shape)} != text_ids {tuple(text_ids.shape)}")
-    if batch is not None and text_ids.shape[0] != batch:
+    if text_mask is not None and text_mask.shape != text.shape[:2]:
+        raise ValueError(f"text_mask {tuple(text_mask.shape)} != text {tuple(text.shape[:2])}")
+    if batch is not None and text.shape[0] != batch:
         raise ValueError(
-            f"text batch {text_ids.shape[0]} != audio batch {batch}; "
+            f"text batch {text.shape[0]} != audio batch {batch}; "
             "pass audio_index to pair clips with texts"
         )
 
@@ -436,10 +486,11 @@ class QFormer(nn.Module):
         text_mask: Tensor | None = None,
         mode: AttentionMode = "unimodal",
         *,
-        audio_kv: AudioKV | None = None,
+        audio_kv: AudioKV | StackedAudioKV | None = None,
         audio_index: Tensor | None = None,
         use_queries: bool = True,
         query_states: list[tuple[Tensor, Tensor]] | None = None,
+        text_embeds: Tensor | None = None,
     ) -> QFormerOutput:
         """Encode queries (reading the audio) and/or text.
 
@@ -449,7 +500,8 @@ class QFormer(nn.Module):
             text_ids: (B', L) token ids, or None for queries alone.
             text_mask: (B', L) 1 = token, 0 = padding; None = no padding.
             mode: who sees whom (`AttentionMode`); padding is respected in every mode.
-            audio_kv: `audio_keys_values(...)` computed earlier, instead of `audio`.
+            audio_kv: `audio_keys_values(...)` computed earlier, instead of `audio`; a
+                `StackedAudioKV` (or an `AudioKV.repeat`) pairs each row with its clip.
             audio_index: (B',) rows of the audio batch that pair with the text rows (hard negatives).
             use_queries: False encodes the text alone (the contrastive loss's text encoder).
             query_states: ``QFormerOutput.query_states`` of an earlier pass over the same clips:
@@ -457,49 +509,60 @@ class QFormer(nn.Module):
                 (in that mode the queries never see the text, so they would come out the same;
                 BLIP-2's image-grounded text generation reuses them the same way). Gradients flow
                 back into the earlier pass.
+            text_embeds: ``embed_text(text_ids)`` computed earlier, instead of ``text_ids``: one
+                lookup (and one embedding gradient) shared by every pass over the same captions.
 
         Returns:
             `QFormerOutput(query=(B', N, H) | None, text=(B', L, H) | None, query_states=...)`.
         """
+        text = self._text(text_ids, text_embeds)
         if query_states is not None:
-            return self._text_after_queries(text_ids, text_mask, mode, query_states)
+            return self._text_after_queries(text, text_mask, mode, query_states)
         kv = self._audio_kv(audio, audio_mask, audio_kv, audio_index) if use_queries else None
         queries = None if kv is None else self.query_tokens.expand(kv.batch_size, -1, -1)
-        _check_text(text_ids, text_mask, None if queries is None else queries.shape[0])
+        _check_text(text, text_mask, None if queries is None else queries.shape[0])
         n = 0 if queries is None else queries.shape[1]
-        length = 0 if text_ids is None else text_ids.shape[1]
-        x = self.embeddings(text_ids, queries)
+        length = 0 if text is None else text.shape[1]
+        x = self.embeddings(text, queries)
         mask = attention_mask(mode, n, text_mask, length, x.device)
         states = []
-        for i, layer in enumerate(self.layers):
-            layer_kv = None if kv is None else kv.layers.get(i)
-            x, query_kv = layer(x, n, mask, layer_kv, None if kv is None else kv.mask)
+        for layer in self.layers:
+            x, query_kv = layer(x, n, mask, kv)
             states.append(query_kv)
-        unseen = n and (text_ids is None or mode in ("unimodal", "causal"))
+        unseen = n and (text is None or mode in ("unimodal", "causal"))
         return QFormerOutput(
             query=x[:, :n] if n else None,
-            text=x[:, n:] if text_ids is not None else None,
+            text=x[:, n:] if text is not None else None,
             query_states=states if unseen else None,
         )
 
+    def embed_text(self, text_ids: Tensor) -> Tensor:
+        """Token ids (B, L) -> the embeddings a pass starts from (``text_embeds`` of ``forward``)."""
+        return self.embeddings.lookup(text_ids)
+
+    def _text(self, text_ids: Tensor | None, text_embeds: Tensor | None) -> Tensor | None:
+        if text_ids is not None and text_embeds is not None:
+            raise ValueError("pass text_ids or text_embeds, not both")
+        return self.embed_text(text_ids) if text_ids is not None else text_embeds
+
     def _text_after_queries(
         self,
-        text_ids: Tensor | None,
+        text: Tensor | None,
         text_mask: Tensor | None,
         mode: AttentionMode,
         query_states: list[tuple[Tensor, Tensor]],
     ) -> QFormerOutput:
         """The text part of a ``causal`` pass whose queries ran earlier (see ``forward``)."""
-        if mode != "causal" or text_ids is None:
+        if mode != "causal" or text is None:
             raise ValueError("query_states serve a causal pass over text (mode='causal', text_ids)")
         if len(query_states) != len(self.layers):
             raise ValueError(
                 f"query_states has {len(query_states)} layers, the Q-Former {len(self.layers)}"
             )
         n = query_states[0][0].shape[2]
-        _check_text(text_ids, text_mask, query_states[0][0].shape[0])
-        x = self.embeddings(text_ids, None)
-        mask = attention_mask(mode, n, text_mask, text_ids.shape[1], x.device)
+        _check_text(text, text_mask, query_states[0][0].shape[0])
+        x = self.embeddings(text, None)
+        mask = attention_mask(mode, n, text_mask, text.shape[1], x.device)
         mask = None if mask is None else mask[:, :, n:]  # the text rows: (B|1, 1, L, N + L)
         for layer, query_kv in zip(self.layers, query_states, strict=True):
             x = layer.text_after_queries(x, mask, query_kv)
@@ -551,11 +614,13 @@ class QFormer(nn.Module):
         self,
         audio: Tensor | None,
         audio_mask: Tensor | None,
-        audio_kv: AudioKV | None,
+        audio_kv: AudioKV | StackedAudioKV | None,
         audio_index: Tensor | None,
-    ) -> AudioKV:
+    ) -> AudioKV | StackedAudioKV:
         if (audio is None) == (audio_kv is None):
             raise ValueError("the queries need exactly one of audio and audio_kv")
+        if isinstance(audio_kv, StackedAudioKV) and audio_index is not None:
+            raise ValueError("audio_index re-pairs an AudioKV; a StackedAudioKV is paired already")
         if audio_kv is None:
             audio_kv = self.audio_keys_values(audio, audio_mask)
         elif audio_mask is not None:

@@ -1,12 +1,13 @@
 """Stage-1 step: ours against the same step done the way BLIP-2's reference code does it.
 
 Ours projects each clip's cross-attention keys/values once per step and reuses them in every
-pass, and applies the vocabulary projection of the generation loss only where a label is. The
-reference projects the audio again for each matching pass (B rows for the query pass plus 3B for
-matching) and computes vocabulary logits at every text position, as BLIP-2's ``Blip2Qformer``
-does. Both reuse the query pass's self-attention keys/values in the generation pass, as BLIP-2
-does with ``past_key_values``. Same weights, inputs and sampled hard negatives: both must give the
-same losses.
+pass (the matching pass reads each clip once for its two rows), looks the captions up once for
+all their passes, and applies the vocabulary projection of the generation loss only where a label
+is. The reference does what BLIP-2's ``Blip2Qformer`` does: the audio projected for the query pass
+(B rows) and again for the one matching pass (3B rows), the captions embedded in each pass, and
+vocabulary logits at every text position. Both reuse the query pass's self-attention keys/values
+in the generation pass, as BLIP-2 does with ``past_key_values``. Same weights, inputs and sampled
+hard negatives: both must give the same losses.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Blip2StyleStage1(FeatureStage1):
     generation loss over logits of every text position."""
 
     def _generation_loss(
-        self, query_states: Any, ids: torch.Tensor, mask: torch.Tensor
+        self, query_states: Any, ids: torch.Tensor, mask: torch.Tensor, words: Any = None
     ) -> torch.Tensor:
         text = self.qformer(
             text_ids=ids, text_mask=mask, mode="causal", query_states=query_states

@@ -8,7 +8,10 @@
 - ATG (audio-grounded text generation): text attends causally to itself and to all queries.
 
 The audio side of the cross-attention (keys/values of every clip) is computed once per step and
-reused by all three losses; BLIP-2's reference code projects the audio again for every pass.
+reused by all three losses, and the captions are embedded once for all their passes; BLIP-2's
+reference code projects the audio again for every pass and looks the captions up in each. The
+matching pass reads each clip's keys/values once for both rows that pair it (with its caption and
+with a hard-negative caption): `AudioKV.repeat`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from slit_lightning.losses import (
     sample_hard_negatives,
 )
 from slit_lightning.metrics.retrieval import retrieval_metrics
-from slit_lightning.qformer import AudioKV, QFormer
+from slit_lightning.qformer import AudioKV, QFormer, StackedAudioKV
 from slit_lightning.stages.base import SLITStage
 
 
@@ -56,9 +59,11 @@ class Stage1(SLITStage):
         loss_atm: weight of the matching loss.
         loss_atg: weight of the generation loss.
         rerank_k: at test time, re-rank each query's top-k by the matching head (0: off).
-        reuse_audio_kv: project each clip's audio to cross-attention keys/values once per step
-            and reuse them in every pass; False projects again for every matching pass, as
-            BLIP-2's reference code does (kept to measure the difference: ``make bench``).
+        reuse_audio_kv: project each clip's audio to cross-attention keys/values, and look each
+            caption's tokens up, once per step, and reuse both in every pass; False projects the
+            audio for the query pass and again for all rows of the matching pass, and embeds the
+            captions in every pass, as BLIP-2's reference code does (kept to measure the
+            difference: ``make bench``).
         **kwargs: the shared settings of :class:`SLITStage` (encoder layer, optimiser, checkpoint).
     """
 
@@ -122,9 +127,10 @@ class Stage1(SLITStage):
         """Query outputs ``(B, N, H)`` -> ``(B, N, E)`` normalised contrastive features."""
         return F.normalize(self.audio_proj(queries), dim=-1)
 
-    def text_embeddings(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """Text alone -> ``(B, E)`` normalised contrastive features ([CLS] or mean of tokens)."""
-        text = self.qformer(text_ids=ids, text_mask=mask, use_queries=False).text
+    def text_embeddings(self, ids: Tensor, mask: Tensor, words: Tensor | None = None) -> Tensor:
+        """Text alone -> ``(B, E)`` normalised contrastive features ([CLS] or mean of tokens);
+        ``words``: the step's shared ``qformer.embed_text(ids)``, if any."""
+        text = self.qformer(**_text(ids, words), text_mask=mask, use_queries=False).text
         if self.hparams.text_pooling == "cls":
             pooled = text[:, 0]
         else:
@@ -132,21 +138,21 @@ class Stage1(SLITStage):
             pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return F.normalize(self.text_proj(pooled), dim=-1)
 
-    def paired_kv(
-        self, kv: AudioKV, feats: Tensor, frames: Tensor, index: Tensor | None
-    ) -> AudioKV:
-        """Keys/values of clips ``index (B',)`` of this step (None: all, in order): re-indexed
-        from ``kv``, or (``reuse_audio_kv`` off) projected again from the features, as BLIP-2."""
-        if self.hparams.reuse_audio_kv:
-            return kv if index is None else kv.select(index)
-        if index is None:
-            return self.qformer.audio_keys_values(feats, frames)
-        return self.qformer.audio_keys_values(feats[index], frames[index])
-
-    def match_logits(self, kv: AudioKV, ids: Tensor, mask: Tensor, index: Tensor | None) -> Tensor:
+    def match_logits(
+        self,
+        kv: AudioKV | StackedAudioKV,
+        ids: Tensor,
+        mask: Tensor,
+        index: Tensor | None = None,
+        words: Tensor | None = None,
+    ) -> Tensor:
         """[queries; text] jointly -> ``(B', 2)`` matching logits; ``index`` picks audio rows."""
         out = self.qformer(
-            audio_kv=kv, audio_index=index, text_ids=ids, text_mask=mask, mode="bidirectional"
+            audio_kv=kv,
+            audio_index=index,
+            **_text(ids, words),
+            text_mask=mask,
+            mode="bidirectional",
         )
         return self.atm_head(out.query.mean(dim=1))
 
@@ -159,13 +165,15 @@ class Stage1(SLITStage):
         ids, mask = self.tokenize(
             self.tokenizer, batch["caption"], self.hparams.max_text_len, pad_to_max=distributed
         )
+        # one embedding lookup for the captions' five passes (one dense gradient, not five)
+        words = self.qformer.embed_text(ids) if self.hparams.reuse_audio_kv else None
         with torch.no_grad():
             self.temperature.clamp_(0.001, 0.5)
         # the queries' pass: contrastive features, and the states the generation pass reuses
         queries = self.qformer(audio_kv=kv, mode="unimodal")
         atc = contrastive_loss(
             self.project_queries(queries.query),
-            self.text_embeddings(ids, mask),
+            self.text_embeddings(ids, mask, words),
             batch["clip_key"],
             self.temperature,
         )
@@ -176,8 +184,8 @@ class Stage1(SLITStage):
             atc.clip_keys_global,
             self.negatives_generator(batch_idx),
         )
-        atm = self._matching_loss(neg, kv, feats, frames, ids, mask)
-        atg = self._generation_loss(queries.query_states, ids, mask)
+        atm = self._matching_loss(neg, kv, feats, frames, ids, mask, words)
+        atg = self._generation_loss(queries.query_states, ids, mask, words)
         hp = self.hparams
         loss = hp.loss_atc * atc.loss + hp.loss_atm * atm + hp.loss_atg * atg
         size = len(batch["caption"])
@@ -201,36 +209,41 @@ class Stage1(SLITStage):
         frames: Tensor,
         ids: Tensor,
         mask: Tensor,
+        words: Tensor | None,
     ) -> Tensor:
-        """ATM on B positives, B (audio, hard-negative text) and B (hard-negative audio, text)."""
+        """ATM in one pass, as BLIP-2: B positives, B (audio, hard-negative text) and B
+        (hard-negative audio, text)."""
         keep = neg.valid
         local = torch.arange(ids.shape[0], device=ids.device)
+        reuse = self.hparams.reuse_audio_kv
         if not keep.any():  # e.g. every caption of the batch describes one clip: no negatives
-            logits = self.match_logits(self.paired_kv(kv, feats, frames, None), ids, mask, None)
+            audio = kv if reuse else self.qformer.audio_keys_values(feats, frames)
+            logits = self.match_logits(audio, ids, mask, None, words)
             return matching_loss(logits, torch.ones_like(keep, dtype=torch.long))
+        distributed = dist.is_available() and dist.is_initialized()
         neg_ids, neg_mask = gather_nograd(ids)[neg.text_index], gather_nograd(mask)[neg.text_index]
-        if dist.is_available() and dist.is_initialized():
-            # negative clips may live on another rank: project just those B clips' audio
+        own = torch.cat([local, local[keep]])  # the step's clips: with their caption, a negative
+        if distributed:  # negative clips may live on another rank: project just those clips
             all_feats, all_frames = _gather_frames(feats, frames)
-            neg_kv = self.qformer.audio_keys_values(
-                all_feats[neg.audio_index], all_frames[neg.audio_index]
-            )
-            logits_neg_audio = self.match_logits(neg_kv, ids[keep], mask[keep], local[keep])
-        else:
-            neg_kv = self.paired_kv(kv, feats, frames, neg.audio_index[keep])
-            logits_neg_audio = self.match_logits(neg_kv, ids[keep], mask[keep], None)
-        logits = torch.cat(
-            [
-                self.match_logits(self.paired_kv(kv, feats, frames, None), ids, mask, None),
-                self.match_logits(
-                    # all rows kept (the usual case): the step's K/V as they are, no copy
-                    self.paired_kv(kv, feats, frames, None if keep.all() else local[keep]),
-                    neg_ids[keep],
-                    neg_mask[keep],
-                    None,
-                ),
-                logits_neg_audio,
-            ]
+            chosen = neg.audio_index[keep]
+            negative = self.qformer.audio_keys_values(all_feats[chosen], all_frames[chosen])
+            audio = StackedAudioKV((self._own_audio(kv, feats, frames, own, keep), negative))
+        elif reuse:
+            negative = kv.select(neg.audio_index[keep])
+            audio = StackedAudioKV((self._own_audio(kv, feats, frames, own, keep), negative))
+        else:  # BLIP-2: the audio of all 3B rows projected again, as one batch
+            rows = torch.cat([own, neg.audio_index[keep]])
+            audio = self.qformer.audio_keys_values(feats[rows], frames[rows])
+        if words is not None:
+            # negative captions from another rank are looked up here; local ones are re-indexed
+            neg_words = self.qformer.embed_text(neg_ids) if distributed else words[neg.text_index]
+            words = torch.cat([words, neg_words[keep], words[keep]])
+        logits = self.match_logits(
+            audio,
+            torch.cat([ids, neg_ids[keep], ids[keep]]),
+            torch.cat([mask, neg_mask[keep], mask[keep]]),
+            None,
+            words,
         )
         labels = torch.cat(
             [
@@ -240,12 +253,25 @@ class Stage1(SLITStage):
         )
         return matching_loss(logits, labels)
 
-    def _generation_loss(self, query_states: Any, ids: Tensor, mask: Tensor) -> Tensor:
+    def _own_audio(
+        self, kv: AudioKV, feats: Tensor, frames: Tensor, rows: Tensor, keep: Tensor
+    ) -> AudioKV:
+        """Keys/values of the matching rows that pair the step's own clips ``rows`` with a caption.
+        Reused: with every row kept, all B clips twice (with their caption, with a negative),
+        read once per clip in one attention call (`AudioKV.repeat`), nothing copied; else
+        re-indexed. Not reused: projected again."""
+        if not self.hparams.reuse_audio_kv:
+            return self.qformer.audio_keys_values(feats[rows], frames[rows])
+        return kv.repeat(2) if bool(keep.all()) else kv.select(rows)
+
+    def _generation_loss(
+        self, query_states: Any, ids: Tensor, mask: Tensor, words: Tensor | None = None
+    ) -> Tensor:
         """ATG: next-token loss of the caption given the queries (their states from the step's
         query pass, not run again); the vocabulary projection runs only at positions that have a
         label (padding never reaches it)."""
         text = self.qformer(
-            text_ids=ids, text_mask=mask, mode="causal", query_states=query_states
+            **_text(ids, words), text_mask=mask, mode="causal", query_states=query_states
         ).text
         return generation_loss(text, labels_from_ids(ids, mask), head=self.qformer.lm_logits)
 
@@ -368,6 +394,11 @@ class Stage1(SLITStage):
             logits = self.match_logits(kv, ids[text], mask[text], None)[:, 1].float().cpu()
             for i, r in enumerate(rows):
                 yield r, logits[i * k : (i + 1) * k]
+
+
+def _text(ids: Tensor, words: Tensor | None) -> dict[str, Tensor]:
+    """How a pass takes the captions: the step's shared lookup ``words``, else the ids."""
+    return {"text_ids": ids} if words is None else {"text_embeds": words}
 
 
 def _gather_frames(feats: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
