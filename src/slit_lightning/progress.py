@@ -26,6 +26,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
+QUIET_HELP = "no progress bar or progress messages (warnings, errors and the summary remain)"
+"""The help of every long command's ``--quiet``."""
+
 
 class RateColumn(ProgressColumn):
     """Items per second with the job's unit, e.g. ``48.2 clips/s``."""

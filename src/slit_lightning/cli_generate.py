@@ -1,0 +1,215 @@
+"""The `slit` sub-commands that run a trained checkpoint's generation and evaluation.
+
+- ``slit caption FILE... --ckpt PATH`` prints a caption for each audio file;
+- ``slit ask FILE QUESTION --ckpt PATH`` answers a question (any instruction) about a file;
+- ``slit eval --ckpt PATH...`` runs the evaluation suite (retrieval, zero-shot classification,
+  captioning, QA, tagging) on a split or on labelled data, as one table plus JSON/TensorBoard.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from slit_lightning.progress import QUIET_HELP
+
+
+def caption_parser() -> Any:
+    """Parser of ``slit caption``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="slit caption", description="Print one caption per audio file (any format or rate)."
+    )
+    parser.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, mp3, ...)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    _model_arguments(parser, "stage-2 (or instruction-tuned) checkpoint (.ckpt) or exported folder")
+    return parser
+
+
+def caption_command(argv: list[str]) -> None:
+    """Run ``slit caption ...``: ``file<TAB>caption`` lines; unreadable files go to stderr."""
+    from slit_lightning.data.audio import AudioError
+    from slit_lightning.inference import caption_files
+
+    cfg = caption_parser().parse_args(argv)
+    model, crop, settings = _generating_model(cfg)
+    failed = 0
+    for path, result in caption_files(model, cfg.files, cfg.batch_size, crop, settings):
+        if isinstance(result, AudioError):
+            failed += 1
+            print(f"{path}\tskipped: {result}", file=sys.stderr)
+        else:
+            print(f"{path}\t{result}", flush=True)
+    if failed:
+        raise SystemExit(f"slit caption: {failed} of {len(cfg.files)} files could not be read")
+
+
+def _generation_arguments(parser: Any) -> None:
+    for name, kind in (("num_beams", int), ("max_new_tokens", int), ("repetition_penalty", float)):
+        parser.add_argument(f"--{name}", type=kind | None, default=None, help="generation")
+
+
+def _model_arguments(parser: Any, what: str) -> None:
+    """The checkpoint, where to run it, how to crop, where its frozen parts are, decoding."""
+    parser.add_argument("--ckpt", required=True, help=what)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--max_seconds", type=float | None, default=None, help="cut clips (default: as trained)"
+    )
+    parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
+    parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
+    _generation_arguments(parser)
+
+
+def _generating_model(cfg: Any) -> tuple[Any, float | None, Any]:
+    """The checkpoint (or exported folder) of ``--ckpt`` that generates text, its crop and
+    decoding settings."""
+    from pathlib import Path
+
+    from slit_lightning.inference import load_stage2, training_crop_seconds
+
+    if Path(cfg.ckpt).is_dir():
+        from slit_lightning.cli_api import ExportedGenerator
+
+        exported = ExportedGenerator(cfg.ckpt, cfg.device)
+        return (
+            exported,
+            cfg.max_seconds or exported.max_seconds,
+            _generation_settings(exported, cfg),
+        )
+    model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
+    # clips are cut as in training unless --max_seconds says otherwise
+    crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
+    return model, crop, _generation_settings(model, cfg)
+
+
+def _generation_settings(model: Any, cfg: Any) -> Any:
+    import dataclasses
+
+    chosen = {k: cfg[k] for k in ("num_beams", "max_new_tokens", "repetition_penalty")}
+    return dataclasses.replace(
+        model.generation, **{k: v for k, v in chosen.items() if v is not None}
+    )
+
+
+def ask_parser() -> Any:
+    """Parser of ``slit ask``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="slit ask", description="Answer a question or follow an instruction about one file."
+    )
+    parser.add_argument("file", help="audio file (wav, flac, ogg, mp3, ...)")
+    parser.add_argument("question", help='e.g. "How many beeps are there?"')
+    _model_arguments(parser, "instruction-tuned (or stage-2) checkpoint or exported folder")
+    return parser
+
+
+def ask_command(argv: list[str]) -> None:
+    """Run ``slit ask ...``: prints the answer."""
+    from slit_lightning.data.audio import AudioError
+    from slit_lightning.inference import ask
+
+    cfg = ask_parser().parse_args(argv)
+    model, crop, settings = _generating_model(cfg)
+    try:
+        print(ask(model, cfg.file, cfg.question, crop, settings))
+    except AudioError as err:
+        raise SystemExit(f"slit ask: {err}") from None
+
+
+def eval_parser() -> Any:
+    """Parser of ``slit eval``."""
+    from jsonargparse import ArgumentParser
+
+    from slit_lightning.evaluate import TASKS
+
+    parser = ArgumentParser(
+        prog="slit eval",
+        description="Evaluate checkpoints of any stage on a split or on labelled data: one table,"
+        " plus eval.json and TensorBoard scalars per checkpoint under --out.",
+    )
+    parser.add_argument("--ckpt", type=list[str], required=True, help="one or more checkpoints")
+    parser.add_argument("--split", default="zeroshot", help="split of the checkpoint's data")
+    parser.add_argument(
+        "--data", type=str | None, default=None,
+        help="evaluate on this instead: a manifest, Clotho/AudioCaps/Clotho-AQA CSV, an"
+        " ESC-50-style CSV (filename, category) or a folder with one sub-folder per label",
+    )  # fmt: skip
+    parser.add_argument("--audio_dir", type=str | None, default=None, help="audio root for --data")
+    parser.add_argument("--root", type=str | None, default=None, help="corpus root (for --split)")
+    parser.add_argument("--tasks", type=list[str], default=list(TASKS))
+    parser.add_argument("--wordings", default="held_out", choices=["held_out", "train"])
+    parser.add_argument("--label_prompt", default="the sound of {label}")
+    parser.add_argument("--out", default="runs/eval", help="folder for eval.json + TensorBoard")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument(
+        "--max_seconds", type=float | None, default=None, help="default: as trained"
+    )
+    parser.add_argument("--encoder", type=str | None, default=None, help="if it has moved")
+    parser.add_argument("--llm", type=str | None, default=None, help="if it has moved")
+    _generation_arguments(parser)
+    return parser
+
+
+def _run_name(ckpt: str, index: int) -> str:
+    """``stage2`` for ``runs/demo/stage2/checkpoints/last.ckpt``, else the file's stem; numbered."""
+    from pathlib import Path
+
+    path = Path(ckpt)
+    name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+    return f"{index}-{name}"
+
+
+def eval_command(argv: list[str]) -> None:
+    """Run ``slit eval ...``."""
+    from pathlib import Path
+
+    from slit_lightning import progress
+    from slit_lightning.data.datamodule import AudioTextDataModule
+    from slit_lightning.data.sources import SourceSpec
+    from slit_lightning.evaluate import evaluate, table
+    from slit_lightning.inference import load_stage, read_checkpoint
+
+    cfg = eval_parser().parse_args(argv)
+    progress.quieten(cfg.quiet)
+    reports = []
+    for ckpt in cfg.ckpt:
+        model = load_stage(ckpt, cfg.device, cfg.encoder, cfg.llm)
+        if hasattr(model, "generation"):
+            model.generation = _generation_settings(model, cfg)
+        trained = read_checkpoint(ckpt).get("datamodule_hyper_parameters", {})
+        settings = {
+            "sample_rate": model.encoder.sample_rate,
+            "max_seconds": cfg.max_seconds or trained.get("max_seconds", 10.0),
+            "batch_size": cfg.batch_size,
+            "num_workers": cfg.num_workers,
+            # the training data's cache, for its own splits only
+            "feature_cache": None if cfg.data or cfg.root else trained.get("feature_cache"),
+        }
+        split = cfg.split
+        if cfg.data:
+            spec = SourceSpec(cfg.data, audio_dir=cfg.audio_dir)
+            dm = AudioTextDataModule(zeroshot=[spec], **settings)
+            split, name = "zeroshot", cfg.data
+        else:
+            root = cfg.root or trained.get("root")
+            given = {s: trained.get(s) for s in ("train", "val", "test", "zeroshot")}
+            dm = AudioTextDataModule(root=root, **(given if not cfg.root else {}), **settings)
+            name = f"{split} split of {root or 'the training data'}"
+        run = _run_name(ckpt, len(reports))
+        with progress.bar(f"evaluating {run}", quiet=cfg.quiet, unit="batches") as tick:
+            report = evaluate(model, dm, split, cfg.tasks, cfg.wordings, cfg.label_prompt, tick)
+        print(f"evaluated {ckpt} on the {name}: {tick.summary()}", file=sys.stderr)
+        report.checkpoint, report.data = str(ckpt), name
+        report.save(Path(cfg.out) / run)
+        reports.append(report)
+    text = table(reports)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "table.txt").write_text(text + "\n", encoding="utf-8")
+    print(text)
+    print(f"JSON and TensorBoard scalars under {cfg.out}/")

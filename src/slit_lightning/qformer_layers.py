@@ -1,0 +1,261 @@
+"""The Q-Former's building blocks: attention, feed-forward, one layer, the text embeddings, the LM
+head, and the audio side of the cross-attention (`AudioKV`: each clip's keys/values, computed once
+and read by every pass). `slit_lightning.qformer` assembles them into the Q-Former."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from slit_lightning.qformer import QFormerConfig
+
+__all__ = [
+    "Activation",
+    "Attention",
+    "AudioKV",
+    "FeedForward",
+    "LMHead",
+    "QFormerLayer",
+    "StackedAudioKV",
+    "TextEmbeddings",
+]
+
+Activation = Literal["gelu", "gelu_tanh", "relu"]
+
+
+@dataclass
+class AudioKV:
+    """Cross-attention keys and values of a batch of clips, computed once, reused by every pass."""
+
+    layers: dict[int, tuple[Tensor, Tensor]]
+    """Layer index -> (keys, values), each (B, heads, T, head_dim)."""
+    mask: Tensor | None
+    """(B, 1, 1, T) bool, True = attend; None = no padding."""
+    repeats: int = 1
+    """The rows that read these clips: ``repeats`` copies of the batch in turn, row ``r`` reading
+    clip ``r % B`` (see `repeat`); the keys/values are never copied for them."""
+
+    @property
+    def clips(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        """Rows of a pass that reads these keys/values."""
+        return self.repeats * self.clips
+
+    def repeat(self, times: int) -> AudioKV:
+        """The same clips read by ``times`` copies of the batch (e.g. each clip with its caption and
+        with a hard-negative caption). No copy: the copies' queries are stacked along the query
+        axis of one attention call per clip, which gives each row exactly what a copied batch
+        would (attention rows are independent), with each clip's keys/values read once."""
+        return dataclasses.replace(self, repeats=self.repeats * times)
+
+    def select(self, index: Tensor) -> AudioKV:
+        """Rows `index` (B',): re-pairs clips with other rows without re-projecting (a copy)."""
+        index = index % self.clips if self.repeats > 1 else index
+        return AudioKV(
+            {
+                i: (k.index_select(0, index), v.index_select(0, index))
+                for i, (k, v) in self.layers.items()
+            },
+            None if self.mask is None else self.mask.index_select(0, index),
+        )
+
+    def attend(self, attention: Attention, queries: Tensor, layer: int) -> Tensor:
+        """``queries`` (batch_size, N, H) cross-attend to layer ``layer``'s keys/values."""
+        kv = self.layers[layer]
+        if self.repeats == 1:
+            return attention(queries, self.mask, kv=kv)
+        copies, (rows, n, width) = self.repeats, queries.shape
+        stacked = queries.view(copies, rows // copies, n, width).transpose(0, 1)
+        out = attention(stacked.reshape(rows // copies, copies * n, width), self.mask, kv=kv)
+        return out.view(rows // copies, copies, n, width).transpose(0, 1).reshape(rows, n, width)
+
+
+@dataclass
+class StackedAudioKV:
+    """The rows of one pass read several `AudioKV` in turn: the first ``parts[0].batch_size`` rows
+    the first, and so on; e.g. BLIP-2's matching pass, whose rows are B (clip, caption) pairs, B
+    (clip, negative caption) and B (negative clip, caption), in one forward."""
+
+    parts: tuple[AudioKV, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return sum(part.batch_size for part in self.parts)
+
+    def attend(self, attention: Attention, queries: Tensor, layer: int) -> Tensor:
+        chunks = queries.split([part.batch_size for part in self.parts])
+        return torch.cat(
+            [part.attend(attention, c, layer) for part, c in zip(self.parts, chunks, strict=True)]
+        )
+
+
+def _activation(name: Activation, x: Tensor) -> Tensor:
+    if name == "relu":
+        return F.relu(x)
+    return F.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+class Attention(nn.Module):
+    """Multi-head attention, residual, post-LayerNorm (BERT); keys/values from `kv_width` features."""
+
+    def __init__(self, config: QFormerConfig, kv_width: int) -> None:
+        super().__init__()
+        width = config.hidden_size
+        self.num_heads = config.num_heads
+        self.attention_dropout = config.attention_dropout
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+        self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, S, H) -> (B, heads, S, H / heads)."""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S, D) -> keys, values, each (B, heads, S, H / heads)."""
+        return self.split_heads(self.key(source)), self.split_heads(self.value(source))
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """x (B, S, H) attends to itself, or to precomputed `kv`; mask (B|1, 1, S, S_kv) bool."""
+        keys, values = self.keys_values(x) if kv is None else kv
+        context = F.scaled_dot_product_attention(
+            self.split_heads(self.query(x)),
+            keys,
+            values,
+            attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        return self.norm(x + self.dropout(self.out(context.transpose(1, 2).flatten(2))))
+
+    def attention_weights(
+        self, x: Tensor, mask: Tensor | None, kv: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """The attention probabilities ``forward`` applies, recomputed (SDPA does not return
+        them): ``(B, heads, S, S_kv)``, each row summing to 1, 0 where ``mask`` is False."""
+        keys, _ = self.keys_values(x) if kv is None else kv
+        queries = self.split_heads(self.query(x)).float()
+        scores = queries @ keys.float().transpose(-2, -1) / math.sqrt(queries.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1)
+
+
+class FeedForward(nn.Module):
+    """BERT feed-forward block: dense, activation, dense, residual, post-LayerNorm."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.act = config.hidden_act
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, S, H) -> (B, S, H)."""
+        return self.norm(x + self.dropout(self.fc2(_activation(self.act, self.fc1(x)))))
+
+
+class QFormerLayer(nn.Module):
+    """Self-attention over [queries; text], cross-attention of the queries, two feed-forwards."""
+
+    def __init__(self, config: QFormerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.index = layer_idx
+        self.self_attn = Attention(config, config.hidden_size)
+        self.cross_attn = (
+            Attention(config, config.encoder_width)
+            if config.has_cross_attention(layer_idx)
+            else None
+        )
+        self.ffn = FeedForward(config)
+        self.ffn_query = FeedForward(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        num_queries: int,
+        mask: Tensor | None,
+        audio: AudioKV | StackedAudioKV | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, N + L, H) -> (B, N + L, H), and the self-attention keys/values of the first
+        `num_queries` positions (the queries), each (B, heads, N, H / heads). The queries read
+        ``audio``'s keys/values of this layer if it has cross-attention."""
+        keys, values = self.self_attn.keys_values(x)
+        x = self.self_attn(x, mask, kv=(keys, values))
+        query_kv = (keys[:, :, :num_queries], values[:, :, :num_queries])
+        if num_queries == 0:
+            return self.ffn(x), query_kv
+        queries, text = x[:, :num_queries], x[:, num_queries:]
+        if self.cross_attn is not None and audio is not None:
+            queries = audio.attend(self.cross_attn, queries, self.index)
+        queries = self.ffn_query(queries)
+        if text.shape[1] == 0:
+            return queries, query_kv
+        return torch.cat([queries, self.ffn(text)], dim=1), query_kv
+
+    def text_after_queries(
+        self, text: Tensor, mask: Tensor | None, query_kv: tuple[Tensor, Tensor]
+    ) -> Tensor:
+        """Text rows (B, L, H) attending to [the queries' cached keys/values; the text]."""
+        keys, values = self.self_attn.keys_values(text)
+        kv = (torch.cat([query_kv[0], keys], dim=2), torch.cat([query_kv[1], values], dim=2))
+        return self.ffn(self.self_attn(text, mask, kv=kv))
+
+
+class TextEmbeddings(nn.Module):
+    """Word + absolute position embeddings; queries are prepended; one LayerNorm and dropout on all."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def lookup(self, text_ids: Tensor) -> Tensor:
+        """text_ids (B, L) -> word + position embeddings (B, L, H); positions count from 0."""
+        length = text_ids.shape[1]
+        if length > self.position.num_embeddings:
+            raise ValueError(
+                f"text of {length} tokens is longer than max_position_embeddings="
+                f"{self.position.num_embeddings}; truncate it in the tokenizer"
+            )
+        positions = torch.arange(length, device=text_ids.device)
+        return self.word(text_ids) + self.position(positions)
+
+    def forward(self, text: Tensor | None, queries: Tensor | None) -> Tensor:
+        """text (B, L, H) from `lookup`, queries (B, N, H) -> normalised (B, N + L, H)."""
+        parts = [p for p in (queries, text) if p is not None]
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self.dropout(self.norm(x))
+
+
+class LMHead(nn.Module):
+    """BERT's MLM head: dense, activation, LayerNorm, then the (tied) word embeddings and a bias."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.act = config.hidden_act
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: Tensor, word_embeddings: Tensor) -> Tensor:
+        """x (B, L, H), word_embeddings (V, H) -> logits (B, L, V)."""
+        return F.linear(self.norm(_activation(self.act, self.dense(x))), word_embeddings, self.bias)
