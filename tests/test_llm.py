@@ -45,6 +45,18 @@ def test_padding_does_not_change_the_loss(llm):
     torch.testing.assert_close(batch, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_per_row_losses_equal_each_row_alone(llm):
+    """Scoring candidates in one batch (generative classification) gives each row's own loss."""
+    prompts, targets = ["", "a siren", "Question: what?"], ["two knocks", "hum", "a bell strike"]
+    s = soft(llm, batch=3)
+    rows = llm.loss(s, prompts, targets, per_row=True)
+    alone = torch.stack([llm.loss(s[i : i + 1], prompts[i : i + 1], targets[i : i + 1])
+                         for i in range(3)])  # fmt: skip
+    assert rows.shape == (3,)
+    torch.testing.assert_close(rows, alone, rtol=1e-5, atol=1e-5)
+    assert len(set(rows.tolist())) == 3
+
+
 def test_decoder_only_loss_covers_exactly_the_target_and_eos(tiny_llm_factory):
     llm = FrozenLLM.from_pretrained(str(tiny_llm_factory("llama")))
     s = soft(llm, batch=1)

@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from slit_lightning.encoders import _quiet_transformers
-from slit_lightning.losses import generation_loss
+from slit_lightning.losses import generation_loss, sequence_losses
 
 IGNORE_INDEX = -100  # label of positions without a loss (transformers' convention)
 
@@ -216,6 +216,7 @@ class FrozenLLM(nn.Module):
         prompts: list[str],
         targets: list[str],
         max_target_len: int = 64,
+        per_row: bool = False,
     ) -> Tensor:
         """Mean next-token loss of ``targets`` after ``[soft prompt][prompt]``.
 
@@ -224,11 +225,13 @@ class FrozenLLM(nn.Module):
             prompts: ``B`` texts between the soft prompt and the target ("" for none).
             targets: ``B`` texts to learn (captions, answers); cut to ``max_target_len`` tokens,
                 then EOS is appended.
+            per_row: each row's own mean instead (``(B,)``), to score candidates in one batch.
 
         Returns:
             Scalar loss over the target tokens and their EOS only; gradients flow into
             ``soft_prompt`` (the LLM's own weights stay frozen).
         """
+        reduce = sequence_losses if per_row else generation_loss
         _check_batch(soft_prompt, prompts, targets, self.width)
         eos = self.tokenizer.eos_token_id
         prompt_ids = self._ids(prompts, special=True)
@@ -242,7 +245,7 @@ class FrozenLLM(nn.Module):
             logits = self.model(
                 inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids
             ).logits
-            return generation_loss(logits, labels, shift=False)
+            return reduce(logits, labels, shift=False)
         continued = self._continuations(prompts, prompt_ids, targets)
         target_ids = [[*row[:max_target_len], eos] for row in continued]
         rows = [p + t for p, t in zip(prompt_ids, target_ids, strict=True)]
@@ -255,7 +258,7 @@ class FrozenLLM(nn.Module):
             soft_prompt.device,
         )
         logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
-        return generation_loss(logits, labels)  # the mean over the global batch's tokens
+        return reduce(logits, labels)  # generation_loss: the mean over the global batch's tokens
 
     # ------------------------------------------------------------------ generation
 

@@ -38,6 +38,7 @@ __all__ = [
     "matching_loss",
     "max_query_similarity",
     "sample_hard_negatives",
+    "sequence_losses",
 ]
 
 
@@ -397,6 +398,22 @@ def generation_loss(
     if head is not None:
         rows = head(rows)
     return _summed_ce(_upcast(rows), targets[keep], label_smoothing) / divisor
+
+
+def sequence_losses(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = True
+) -> Tensor:
+    """Each row's own mean next-token cross-entropy: ``logits (B, L, V), labels (B, L) -> (B,)``.
+
+    For scoring candidates side by side (one row per candidate), not for training: no reduction
+    over rows or ranks. Shift and ``ignore_index`` as in `generation_loss`; a row without a label
+    scores 0."""
+    targets = labels[:, 1:] if shift else labels
+    logits = logits[:, :-1] if shift else logits
+    nll = F.cross_entropy(
+        _upcast(logits).transpose(1, 2), targets, ignore_index=ignore_index, reduction="none"
+    )  # (B, L'), 0 where ignored
+    return nll.sum(dim=1) / (targets != ignore_index).sum(dim=1).clamp(min=1)
 
 
 def labels_from_ids(

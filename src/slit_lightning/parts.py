@@ -23,6 +23,7 @@ from slit_lightning.qformer import QFormer
 
 CAPTION_INSTRUCTION = TASKS["caption"][0][0]  # what instruction tuning trained captions with
 CLASSIFY_INSTRUCTION = TASKS["classify"][0][0]
+LABEL_PAIRS_PER_CALL = 64  # (clip, label) pairs scored per LLM call by generative classify
 
 
 class ContrastiveHeads(nn.Module):
@@ -148,9 +149,10 @@ class TextGenerator(nn.Module):
         as a caption after its prompt)."""
         prompt = CLASSIFY_INSTRUCTION if self.instructed else self.prompt
         soft = self.soft_prompt(feats, frames, [prompt] * len(feats))
-        scores = torch.empty(len(feats), len(labels))
-        for b in range(len(feats)):
-            for j, label in enumerate(labels):
-                # one pair per call: the LLM's loss is a mean over the whole batch's tokens
-                scores[b, j] = -self.llm.loss(soft[b : b + 1], [prompt], [label]).float()
-        return scores
+        pairs = torch.cartesian_prod(torch.arange(len(feats)), torch.arange(len(labels)))
+        scores = []
+        for chunk in pairs.split(LABEL_PAIRS_PER_CALL):  # (clip, label) pairs, batched
+            clips, names = chunk[:, 0].to(soft.device), [labels[j] for j in chunk[:, 1].tolist()]
+            loss = self.llm.loss(soft[clips], [prompt] * len(names), names, per_row=True)
+            scores.append(-loss.float().cpu())
+        return torch.cat(scores).view(len(feats), len(labels))
