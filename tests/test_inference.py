@@ -89,3 +89,40 @@ def test_caption_command_mistakes_are_one_line(tmp_path, stage2_ckpt):
     torch.save(stage1_like, tmp_path / "s1.ckpt")
     with pytest.raises(SystemExit, match="not a stage-2 checkpoint"):
         main(["caption", clip, "--ckpt", str(tmp_path / "s1.ckpt")])
+
+
+def test_a_runs_checkpoint_finds_its_frozen_models_from_another_directory(
+    tiny_encoder, tiny_bert, tiny_llm_factory, tmp_path, monkeypatch
+):
+    """Frozen parts stored by relative path (``runs/x/encoder``) resolve from the checkpoint's
+    parent folders when the working directory is elsewhere."""
+    import shutil
+
+    import lightning
+
+    from slit_lightning.inference import load_stage
+    from slit_lightning.llm import LLMConfigError
+
+    run = tmp_path / "project"
+    shutil.copytree(tiny_encoder, run / "runs" / "x" / "encoder")
+    shutil.copytree(tiny_llm_factory("llama"), run / "runs" / "x" / "llm")
+    monkeypatch.chdir(run)
+    torch.manual_seed(0)
+    model = Stage2("runs/x/encoder", str(tiny_bert), "runs/x/llm", num_queries=4)
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    model.on_save_checkpoint(checkpoint)
+    ckpt = run / "runs" / "x" / "stage2" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(checkpoint, ckpt)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_stage(ckpt)
+    assert loaded.hparams.encoder == str(run / "runs" / "x" / "encoder")
+    assert loaded.hparams.llm == str(run / "runs" / "x" / "llm")
+    shutil.rmtree(run / "runs" / "x" / "llm")  # gone: the stored reference stands, and fails
+    with pytest.raises(LLMConfigError, match="cannot load the LLM 'runs/x/llm'"):
+        load_stage(ckpt)

@@ -30,8 +30,14 @@ def load_stage(
     read from its hyper-parameters.
 
     ``encoder`` / ``llm`` point at the frozen models when they have moved since training (the
-    checkpoint stores them by reference and checks that they are the same weights)."""
-    stage = stage_of(read_checkpoint(ckpt))
+    checkpoint stores them by reference and checks that they are the same weights). Without them,
+    a reference stored as a relative path that does not resolve from the working directory is
+    looked up from the checkpoint's parent folders (`_beside`), so a run's checkpoints load from
+    anywhere as long as the run's folder is intact."""
+    contents = read_checkpoint(ckpt)
+    stage = stage_of(contents)
+    stored = contents.get("hyper_parameters", {})
+    encoder = encoder or _beside(ckpt, stored.get("encoder"))
     classes: dict[str | None, type[SLITStage]] = {
         "Instruct": Instruct,
         "Stage2": Stage2,
@@ -43,10 +49,27 @@ def load_stage(
     overrides: dict[str, Any] = {"encoder": encoder} if encoder else {}
     if cls is not Stage1:
         overrides["init_from"] = None  # the weights come from this checkpoint
+        llm = llm or _beside(ckpt, stored.get("llm"))
         if llm:
             overrides["llm"] = llm
     model = cls.load_from_checkpoint(ckpt, map_location=device, weights_only=True, **overrides)
     return model.eval()
+
+
+def _beside(ckpt: str | Path, stored: Any) -> str | None:
+    """``stored``, a frozen model's relative path that does not exist from the working directory,
+    found from one of the checkpoint's parent folders instead (runs keep their checkpoints under
+    the folder they were started in: ``runs/demo/stage2/checkpoints/last.ckpt`` next to
+    ``runs/demo/encoder``). None where it resolves as stored, is a hub id, or is not found: the
+    stored reference then stands (and the checkpoint still checks the weights are the same)."""
+    if not isinstance(stored, str) or not stored or Path(stored).is_absolute():
+        return None
+    if Path(stored).exists():
+        return None
+    for parent in Path(ckpt).resolve().parents:
+        if (parent / stored).is_dir():
+            return str(parent / stored)
+    return None
 
 
 def load_stage2(
