@@ -497,6 +497,25 @@ def test_shared_text_embeddings_equal_token_ids(qformer: QFormer, batch: dict) -
         qformer(audio_kv=StackedAudioKV((kv,)), audio_index=torch.tensor([0]))
 
 
+def test_query_outputs_alone_skip_nothing_they_depend_on(qformer: QFormer, batch: dict) -> None:
+    """``text_output=False`` (the matching loss) gives the same query outputs and gradients."""
+    results = []
+    for text_output in (True, False):
+        qformer.zero_grad()
+        out = qformer(**batch, mode="bidirectional", text_output=text_output)
+        out.query.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in qformer.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, full_grads), (alone, alone_grads) = results
+    assert alone.text is None and full.text is not None
+    assert_close(alone.query, full.query, atol=1e-6, rtol=0)
+    skipped = full_grads.keys() - alone_grads.keys()  # the last layer's text feed-forward
+    assert skipped and all(name.startswith("layers.1.ffn.") for name in skipped)
+    assert all(full_grads[name].abs().max() == 0 for name in skipped)
+    for name, grad in alone_grads.items():
+        assert_close(grad, full_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_audio_kv_gradients_reach_cross_attention(qformer: QFormer, batch: dict) -> None:
     kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
     loss = (

@@ -267,6 +267,7 @@ class QFormer(nn.Module):
         use_queries: bool = True,
         query_states: list[tuple[Tensor, Tensor]] | None = None,
         text_embeds: Tensor | None = None,
+        text_output: bool = True,
     ) -> QFormerOutput:
         """Encode queries (reading the audio) and/or text.
 
@@ -287,6 +288,9 @@ class QFormer(nn.Module):
                 back into the earlier pass.
             text_embeds: ``embed_text(text_ids)`` computed earlier, instead of ``text_ids``: one
                 lookup (and one embedding gradient) shared by every pass over the same captions.
+            text_output: False when only the query outputs are wanted (the matching loss): the
+                last layer then skips the text positions' attention and feed-forward, whose
+                outputs nothing reads (``QFormerOutput.text`` is None).
 
         Returns:
             `QFormerOutput(query=(B', N, H) | None, text=(B', L, H) | None, query_states=...)`.
@@ -302,13 +306,15 @@ class QFormer(nn.Module):
         x = self.embeddings(text, queries)
         mask = attention_mask(mode, n, text_mask, length, x.device)
         states = []
-        for layer in self.layers:
-            x, query_kv = layer(x, n, mask, kv)
+        queries_only = bool(n) and text is not None and not text_output
+        for i, layer in enumerate(self.layers):
+            last = queries_only and i == len(self.layers) - 1
+            x, query_kv = layer(x, n, mask, kv, queries_only=last)
             states.append(query_kv)
         unseen = n and (text is None or mode in ("unimodal", "causal"))
         return QFormerOutput(
             query=x[:, :n] if n else None,
-            text=x[:, n:] if text is not None else None,
+            text=x[:, n:] if text is not None and not queries_only else None,
             query_states=states if unseen else None,
         )
 

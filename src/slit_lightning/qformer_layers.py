@@ -192,12 +192,17 @@ class QFormerLayer(nn.Module):
         num_queries: int,
         mask: Tensor | None,
         audio: AudioKV | StackedAudioKV | None,
+        queries_only: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, N + L, H) -> (B, N + L, H), and the self-attention keys/values of the first
         `num_queries` positions (the queries), each (B, heads, N, H / heads). The queries read
-        ``audio``'s keys/values of this layer if it has cross-attention."""
+        ``audio``'s keys/values of this layer if it has cross-attention. ``queries_only``: the
+        output is the queries' alone, (B, N, H) (the text still serves as keys/values), for a
+        last layer whose text outputs nobody reads."""
         keys, values = self.self_attn.keys_values(x)
-        x = self.self_attn(x, mask, kv=(keys, values))
+        rows = x[:, :num_queries] if queries_only else x
+        rows_mask = mask[:, :, :num_queries] if queries_only and mask is not None else mask
+        x = self.self_attn(rows, rows_mask, kv=(keys, values))
         query_kv = (keys[:, :, :num_queries], values[:, :, :num_queries])
         if num_queries == 0:
             return self.ffn(x), query_kv

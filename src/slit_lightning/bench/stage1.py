@@ -2,12 +2,13 @@
 
 Ours projects each clip's cross-attention keys/values once per step and reuses them in every
 pass (the matching pass reads each clip once for its two rows), looks the captions up once for
-all their passes, and applies the vocabulary projection of the generation loss only where a label
-is. The reference does what BLIP-2's ``Blip2Qformer`` does: the audio projected for the query pass
-(B rows) and again for the one matching pass (3B rows), the captions embedded in each pass, and
-vocabulary logits at every text position. Both reuse the query pass's self-attention keys/values
-in the generation pass, as BLIP-2 does with ``past_key_values``. Same weights, inputs and sampled
-hard negatives: both must give the same losses.
+all their passes, skips the text positions of the matching pass's last layer (the matching head
+reads the queries alone) and applies the vocabulary projection of the generation loss only where
+a label is. The reference does what BLIP-2's ``Blip2Qformer`` does: the audio projected for the
+query pass (B rows) and again for the one matching pass (3B rows), the captions embedded in each
+pass, every layer computed in full, and vocabulary logits at every text position. Both reuse the
+query pass's self-attention keys/values in the generation pass, as BLIP-2 does with
+``past_key_values``. Same weights, inputs and sampled hard negatives: both must give the same losses.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ class FeatureStage1(Stage1):
 
 
 class Blip2StyleStage1(FeatureStage1):
-    """The reference: keys/values projected per pass (``reuse_audio_kv=False``) and the
+    """The reference: keys/values projected per pass and captions embedded per pass
+    (``reuse_audio_kv=False``), the matching pass's last layer computed in full, and the
     generation loss over logits of every text position."""
+
+    skip_unread_text = False
 
     def _generation_loss(
         self, query_states: Any, ids: torch.Tensor, mask: torch.Tensor, words: Any = None

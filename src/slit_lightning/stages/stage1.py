@@ -17,7 +17,7 @@ with a hard-negative caption): `AudioKV.repeat`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,11 @@ class Stage1(SLITStage):
             difference: ``make bench``).
         **kwargs: the shared settings of :class:`SLITStage` (encoder layer, optimiser, checkpoint).
     """
+
+    skip_unread_text: ClassVar[bool] = True
+    """The matching head reads the query outputs alone, so the matching pass's last layer skips
+    the text positions' attention and feed-forward (BLIP-2 computes them; the bench's reference
+    does too)."""
 
     def __init__(
         self,
@@ -153,6 +158,7 @@ class Stage1(SLITStage):
             **_text(ids, words),
             text_mask=mask,
             mode="bidirectional",
+            text_output=not self.skip_unread_text,
         )
         return self.atm_head(out.query.mean(dim=1))
 
