@@ -36,6 +36,20 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_tone_shards(folder: Path, clips: int, seconds: float, per_shard: int = 4) -> Path:
+    """``clips`` flac tones ``c{i}`` with a manifest, packed into tar shards; returns the shard
+    folder ``folder / "sh"`` (``shard-000000.tar``, ...)."""
+    from slit_lightning.data.shards import write_shards
+
+    rows = []
+    for i in range(clips):
+        write_tone(folder / f"c{i}.flac", 300 + 10 * i, seconds)
+        rows.append({"id": f"c{i}", "audio": f"c{i}.flac", "caption": f"clip {i}"})
+    write_manifest(folder / "m.jsonl", rows)
+    write_shards(str(folder / "m.jsonl"), folder / "sh", per_shard=per_shard)
+    return folder / "sh"
+
+
 @pytest.fixture
 def clip_dir(tmp_path: Path) -> Path:
     """Twelve short clips in wav/flac/ogg/mp3, several rates and channel counts, plus a manifest."""

@@ -9,9 +9,8 @@ import soundfile as sf
 import torch
 
 from slit_lightning.data.datamodule import AudioTextDataModule
-from slit_lightning.data.shards import write_shards
 from slit_lightning.data.skips import TooManySkipsError
-from tests.conftest import write_manifest, write_tone
+from tests.conftest import write_manifest, write_tone, write_tone_shards
 from tests.data.test_audio import bad_files
 
 
@@ -53,12 +52,7 @@ def test_too_many_bad_files_stop_with_a_clear_message(tmp_path):
 
 
 def test_truncated_shard_ends_that_shard_only(tmp_path, caplog):
-    rows = []
-    for i in range(12):
-        write_tone(tmp_path / f"c{i}.flac", 300 + 10 * i, 0.3)
-        rows.append({"id": f"c{i}", "audio": f"c{i}.flac", "caption": f"clip {i}"})
-    write_manifest(tmp_path / "m.jsonl", rows)
-    write_shards(str(tmp_path / "m.jsonl"), tmp_path / "sh", per_shard=4)
+    write_tone_shards(tmp_path, 12, 0.3)
     first = tmp_path / "sh" / "shard-000000.tar"
     data = first.read_bytes()
     first.write_bytes(data[: len(data) * 2 // 3])  # cut inside the third member pair

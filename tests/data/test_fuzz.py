@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 from slit_lightning.cli import main
 from slit_lightning.data.audio import AUDIO_SUFFIXES, AudioError, load_audio
 from slit_lightning.data.datamodule import AudioTextDataModule
-from slit_lightning.data.shards import write_shards
 from slit_lightning.data.sources import SourceSpec
-from tests.conftest import write_manifest, write_tone
+from tests.conftest import write_manifest, write_tone, write_tone_shards
 
 # every suffix data.audio reads -> how to write a good clip of it
 WRITERS = {
@@ -196,12 +195,7 @@ def _tar(path, members: dict[str, bytes]) -> None:
 
 
 def test_malformed_shards_are_counted_and_the_good_shards_all_arrive(tmp_path):
-    rows = []
-    for i in range(8):
-        write_tone(tmp_path / f"c{i}.flac", 300 + 10 * i, 0.2)
-        rows.append({"id": f"c{i}", "audio": f"c{i}.flac", "caption": f"clip {i}"})
-    write_manifest(tmp_path / "m.jsonl", rows)
-    write_shards(str(tmp_path / "m.jsonl"), tmp_path / "sh", per_shard=4)
+    write_tone_shards(tmp_path, 8, 0.2)
     tone = (tmp_path / "c0.flac").read_bytes()
     sh = tmp_path / "sh"
     (sh / "shard-000002.tar").write_bytes(np.random.default_rng(0).bytes(3000))
