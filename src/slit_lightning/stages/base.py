@@ -169,6 +169,41 @@ class SLITStage(LightningModule):
         # What every stage's training needs, whatever the trainer's configuration lists
         return [NonFiniteGuard(self.hparams.max_nonfinite_steps), RNGState()]
 
+    def _grad_scaler(self) -> Any:
+        """The fp16 gradient scaler of the run's precision plugin (None for 32, bf16)."""
+        trainer = self._trainer  # None outside a Trainer
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as ``trainer.gradient_clip_val`` says, under every precision and strategy.
+
+        Lightning's own clipping refuses a fused optimizer under any mixed precision (bf16 has
+        no gradient scaler, so nothing needs unscaling first) and refuses norm clipping under
+        FSDP, whose sharded gradients need the root module's ``clip_grad_norm_``. Both are the
+        presets' settings, so without a gradient scaler this clips directly.
+        """
+        if not gradient_clip_val:
+            return
+        if self._grad_scaler() is not None:  # fp16: Lightning unscales, then clips
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            return
+        sharded = getattr(self.trainer.strategy.model, "clip_grad_norm_", None)  # FSDP root
+        if callable(sharded):
+            sharded(gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         decay, no_decay = [], []
@@ -184,7 +219,9 @@ class SLITStage(LightningModule):
             ],
             lr=hp.lr,
             betas=tuple(hp.betas),
-            fused=fused_adamw_supported(decay + no_decay),
+            # fp16's gradient scaler: Lightning unscales before clipping, which a fused AdamW
+            # (it unscales inside its kernel) does not allow
+            fused=fused_adamw_supported(decay + no_decay) and self._grad_scaler() is None,
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         if self.trainer.ckpt_path is None:
