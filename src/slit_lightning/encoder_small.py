@@ -7,7 +7,9 @@ and saves it as ``config.json`` + ``model.safetensors``. From then on it is load
 pretrained encoder: ``HFAudioEncoder.from_pretrained(out_dir)``.
 
 Architecture: log-mel front end (100 frames/s) -> two stride-2 convolutions (25 frames/s) -> a small
-pre-norm transformer -> ``(B, T, D)`` frames. Padding never changes the frames of real audio: padded
+pre-norm transformer -> ``(B, T, D)`` frames. The built-in encoder (:data:`BUILTIN_SIZES`) uses
+kernel-7 convolutions: they see 190 ms of audio, a whole cycle of a 5-10 Hz tremolo or the gap
+between two beeps, where kernel-3 ones see 70 ms. Padding never changes the frames of real audio: padded
 mel frames and conv outputs are zeroed (what a clip alone sees at its edge) and attention ignores
 padded keys, so a clip's features do not depend on its batch-mates.
 """
@@ -31,10 +33,12 @@ from transformers import initialization as init
 
 from slit_lightning.atomic import save_folder_atomic
 from slit_lightning.data.audio import pad_batch
+from slit_lightning.precision import cpu_autocast, native_bf16
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BUILTIN_SIZES",
     "SMALL_MODEL_TYPE",
     "SmallAudioConfig",
     "SmallAudioModel",
@@ -44,12 +48,20 @@ __all__ = [
 ]
 
 SMALL_MODEL_TYPE = "slit_small_audio"
+# What `bootstrap_encoder` trains by default. Measured on the built-in corpus's 700 train clips
+# (val mAP after 10 epochs, one seed): kernel 3 with dropout 0.1 0.78, dropout 0 0.80, kernel 7
+# with dropout 0 0.85 (kernel 11: 0.80).
+BUILTIN_SIZES: dict[str, Any] = {"conv_kernel_size": 7, "dropout": 0.0}
 _LOG_FLOOR = 1e-8  # power floor before the log: digital silence maps to a finite value
 _LOG_SHIFT, _LOG_SCALE = 8.0, 8.0  # log-mel of the built-in corpus has mean ~ -8.5, std ~ 8
 
 
 class SmallAudioConfig(PretrainedConfig):
-    """Sizes of :class:`SmallAudioModel`; the defaults are the built-in encoder's."""
+    """Sizes of :class:`SmallAudioModel` (the built-in encoder's: ``SmallAudioConfig(**BUILTIN_SIZES)``).
+
+    ``conv_kernel_size`` defaults to 3, what encoders saved before the setting existed used, so
+    their ``config.json`` still loads into the right shapes.
+    """
 
     model_type = SMALL_MODEL_TYPE
 
@@ -64,6 +76,7 @@ class SmallAudioConfig(PretrainedConfig):
         num_attention_heads: int = 4,
         intermediate_size: int = 1024,
         num_conv_layers: int = 2,
+        conv_kernel_size: int = 3,
         dropout: float = 0.1,
         initializer_range: float = 0.02,
         **kwargs: Any,
@@ -76,7 +89,8 @@ class SmallAudioConfig(PretrainedConfig):
         )
         self.hidden_size, self.num_hidden_layers = hidden_size, num_hidden_layers
         self.num_attention_heads, self.intermediate_size = num_attention_heads, intermediate_size
-        self.num_conv_layers, self.dropout = num_conv_layers, dropout
+        self.num_conv_layers, self.conv_kernel_size = num_conv_layers, conv_kernel_size
+        self.dropout = dropout
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
 
@@ -95,8 +109,11 @@ class SmallAudioModel(PreTrainedModel):
         c = config
         self.mel = LogMel(c.sample_rate, c.n_fft, c.hop_length, c.n_mels)
         widths = [c.n_mels] + [c.hidden_size] * c.num_conv_layers
+        k = c.conv_kernel_size
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"conv_kernel_size must be odd and positive; got {k}")
         self.convs = nn.ModuleList(
-            nn.Conv1d(widths[i], widths[i + 1], 3, stride=2, padding=1)
+            nn.Conv1d(widths[i], widths[i + 1], k, stride=2, padding=k // 2)
             for i in range(c.num_conv_layers)
         )
         self.layers = nn.ModuleList(
@@ -259,12 +276,14 @@ def is_complete(folder: str | Path) -> bool:
 def bootstrap_encoder(
     corpus_dir: str | Path,
     out_dir: str | Path,
-    epochs: int = 10,
+    epochs: int = 4,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     config: SmallAudioConfig | None = None,
     batch_size: int = 16,
     lr: float = 1e-3,
+    bf16: bool | None = None,
+    extra_scenes: int | None = None,
 ) -> dict[str, Any]:
     """Pre-train :class:`SmallAudioModel` on ``corpus_dir`` as a multi-label tagger; save the trunk.
 
@@ -272,18 +291,25 @@ def bootstrap_encoder(
     trains. The model is written to a temporary folder and renamed into place, so an interrupted
     run never leaves a folder that looks complete. Call it from a single process (e.g. a
     ``prepare_data`` hook): inside a running process group the data would be split over ranks.
-    On the default corpus (1000 clips of 5 s) it took 250 s on two CPU cores (val mAP 0.79).
+    On the default corpus (1000 clips of 5 s: 700 train clips and 2100 generated scenes, 4 epochs,
+    bf16 autocast) it took 216 s on two CPU cores and reached val mAP 0.92 (chance 0.16).
 
     Args:
         corpus_dir: a corpus with ``train.jsonl`` and ``val.jsonl`` whose rows have ``labels``
             (what :func:`slit_lightning.data.synth.synthesize_corpus` writes).
         out_dir: where the encoder goes: ``config.json``, ``model.safetensors``, ``bootstrap.json``.
-        epochs: passes over the training split.
+        epochs: passes over the training clips (the train split and ``extra_scenes``).
         seed: seeds the initialisation, dropout and data order.
         progress: called as ``progress(step, total_steps)`` after every optimizer step.
-        config: model sizes (default: :class:`SmallAudioConfig`'s).
+        config: model sizes (default: ``SmallAudioConfig(**BUILTIN_SIZES)``).
         batch_size: clips per step.
         lr: peak AdamW learning rate (linear warm-up, cosine decay).
+        bf16: train under bf16 autocast (float32 weights and loss); None: where the CPU
+            multiplies bf16 natively (:func:`slit_lightning.precision.native_bf16`).
+        extra_scenes: new scenes that the built-in corpus's generator renders in memory and adds
+            to the training clips, as a real encoder is pre-trained on more audio than one
+            caption corpus holds (see :func:`slit_lightning.data.synth.render_scenes`). None: three
+            times the train split for a built-in corpus, none for any other corpus.
 
     Returns:
         The metrics also written to ``bootstrap.json``: ``val_map`` (macro mAP over the labels
@@ -299,9 +325,13 @@ def bootstrap_encoder(
             " remove it or choose another out_dir"
         )
     start = time.monotonic()
+    config = config or SmallAudioConfig(**BUILTIN_SIZES)
+    bf16 = native_bf16() if bf16 is None else bf16
+    count, extra = _extra_scenes(Path(corpus_dir), extra_scenes, config.sample_rate)
     model, metrics = _train_tagger(
-        Path(corpus_dir), config or SmallAudioConfig(), epochs, seed, batch_size, lr, progress
+        Path(corpus_dir), config, epochs, seed, batch_size, lr, progress, bf16, extra
     )
+    metrics["extra_scenes"] = count
     metrics["seconds"] = round(time.monotonic() - start, 1)
     _save_atomic(model, metrics, out)
     return metrics
@@ -331,6 +361,8 @@ def _train_tagger(
     batch_size: int,
     lr: float,
     progress: Callable[[int, int], None] | None,
+    bf16: bool = False,
+    extra: Iterable[tuple[Tensor, list[str]]] = (),
 ) -> tuple[SmallAudioModel, dict[str, Any]]:
     """Fit trunk + linear head with BCE; return the trunk and its validation metrics."""
     from slit_lightning.data.datamodule import AudioTextDataModule  # Lightning only when training
@@ -346,15 +378,15 @@ def _train_tagger(
     )
     labels = _label_vocabulary(corpus)
     data.setup()
-    n_train = sum(source.num_units for source in data.sources["train"])
+    clips = InMemoryClips(data.loader("train"), extra)
+    n_train = len(clips.labels)
     with torch.random.fork_rng(devices=[]):  # seed our run without moving the caller's RNG
         torch.manual_seed(seed)
         model = SmallAudioModel(config)
         head = nn.Linear(2 * config.hidden_size, len(labels))
         steps = epochs * math.ceil(n_train / batch_size)
-        clips = InMemoryClips(data.loader("train"))
         batches = clips.epochs(epochs, batch_size, torch.Generator().manual_seed(seed))
-        loss = _fit(model, head, batches, labels, steps, lr, progress)
+        loss = _fit(model, head, batches, labels, steps, lr, progress, bf16)
     scores, targets = _predict(model, head, data.loader("val"), labels)
     metrics = {
         "val_map": round(average_precision(scores, targets), 4),
@@ -364,12 +396,39 @@ def _train_tagger(
         "labels": labels,
         "epochs": epochs,
         "seed": seed,
-        "train_clips": n_train,
+        "bf16": bf16,
+        "train_clips": n_train,  # the corpus's train split and the extra scenes
         "val_clips": int(targets.shape[0]),
         "corpus": str(corpus),
     }
     log.info("bootstrap: val mAP %.3f, F1 %.3f", metrics["val_map"], metrics["val_f1"])
     return model, metrics
+
+
+def _extra_scenes(
+    corpus: Path, count: int | None, sample_rate: int
+) -> tuple[int, Iterator[tuple[Tensor, list[str]]]]:
+    """How many scenes of the built-in generator ``corpus`` gets, and the scenes (rendered lazily)."""
+    from slit_lightning.data import synth
+
+    path = corpus / "corpus.json"
+    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if meta.get("generator") != "slit_lightning.data.synth":
+        if count:
+            raise ValueError(
+                f"extra_scenes={count} needs a built-in corpus (`slit data synth`): {corpus} has"
+                " no corpus.json from that generator"
+            )
+        return 0, iter(())
+    if count is None:
+        count = 3 * int(meta["splits"]["train"])
+    if count < 0:
+        raise ValueError(f"extra_scenes must be >= 0, got {count}")
+    pairs = [(str(a), str(b)) for a, b in meta["heldout_pairs"]]
+    scenes = synth.render_scenes(
+        count, int(meta["seed"]), pairs, sample_rate, float(meta["clip_seconds"])
+    )
+    return count, ((torch.from_numpy(wave), labels) for wave, labels in scenes)
 
 
 def _label_vocabulary(corpus: Path) -> list[str]:
@@ -419,7 +478,11 @@ class InMemoryClips:
     that every later epoch reshuffles clips instead of decoding and resampling every file again
     (on 2 cores that was about a third of the bootstrap's time)."""
 
-    def __init__(self, batches: Iterable[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        batches: Iterable[dict[str, Any]],
+        extra: Iterable[tuple[Tensor, list[str]]] = (),
+    ) -> None:
         waves, self.labels = [], []
         for batch in batches:
             for wave, mask, row in zip(
@@ -427,6 +490,9 @@ class InMemoryClips:
             ):
                 waves.append(wave[mask])
                 self.labels.append(row)
+        for wave, row in extra:  # more clips: (waveform, labels)
+            waves.append(wave)
+            self.labels.append(row)
         if not waves:
             raise ValueError("the training split holds no usable clip")
         self.audio, self.mask = pad_batch(waves)
@@ -457,6 +523,7 @@ def _fit(
     total: int,
     lr: float,
     progress: Callable[[int, int], None] | None,
+    bf16: bool = False,
 ) -> float:
     """AdamW with warm-up and cosine decay over ``total`` steps; the last epoch's mean loss."""
     params = [*model.parameters(), *head.parameters()]
@@ -472,7 +539,8 @@ def _fit(
     for batches in epochs:
         losses = []
         for batch in batches:
-            logits = _pooled_logits(model, head, batch)
+            with cpu_autocast(bf16):
+                logits = _pooled_logits(model, head, batch).float()
             loss = F.binary_cross_entropy_with_logits(logits, _multi_hot(batch["labels"], labels))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

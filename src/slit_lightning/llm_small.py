@@ -43,6 +43,7 @@ from torch import Tensor
 from slit_lightning.atomic import save_folder_atomic
 from slit_lightning.data import synth, synth_text
 from slit_lightning.instructions import ClipText, InstructionMix
+from slit_lightning.precision import cpu_autocast, native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,8 @@ def _fit(
     losses = []
     for step in range(steps):
         batch = stream[(starts[step].unsqueeze(1) + window).clamp_max(len(stream) - 1)]
-        loss = model(input_ids=batch, labels=batch).loss
+        with cpu_autocast(knobs["bf16"]):
+            loss = model(input_ids=batch, labels=batch).loss  # the loss itself in float32
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -359,6 +361,7 @@ def bootstrap_llm(
     steps: int = 300,
     batch_size: int = 16,
     lr: float = 2e-3,
+    bf16: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train the built-in small causal LM and its tokenizer once; save both into ``out_dir``.
@@ -386,6 +389,8 @@ def bootstrap_llm(
         steps: AdamW steps (linear warm-up over the first 5 %, then cosine decay).
         batch_size: windows of ``block_size`` tokens per step.
         lr: peak learning rate.
+        bf16: train under bf16 autocast (float32 weights and loss); None: where the CPU
+            multiplies bf16 natively (:func:`slit_lightning.precision.native_bf16`).
         progress: called as ``progress(step, total_steps)`` after every optimizer step.
 
     Returns:
@@ -406,6 +411,7 @@ def bootstrap_llm(
         "seed": seed, "scenes": scenes, "val_scenes": val_scenes, "vocab_size": vocab_size,
         "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
         "block_size": block_size, "steps": steps, "batch_size": batch_size, "lr": lr,
+        "bf16": native_bf16() if bf16 is None else bool(bf16),
     }  # fmt: skip
     _check_knobs(knobs)
     model, tokenizer, metrics = _train(Path(corpus_dir), knobs, progress)

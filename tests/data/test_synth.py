@@ -337,3 +337,25 @@ def test_named_event_types_reads_every_wording_in_order(corpus: Path) -> None:
         "event_recall": 3 / 5,
         "first_event_accuracy": 1 / 3,
     }
+
+
+def test_render_scenes_are_seeded_new_and_keep_the_heldout_pairs_apart(corpus: Path) -> None:
+    pairs = synth.heldout_pairs(0)
+    scenes = list(synth.render_scenes(40, 0, pairs, sample_rate=8000, clip_seconds=1.5))
+    again = list(synth.render_scenes(3, 0, pairs, sample_rate=8000, clip_seconds=1.5))
+    for (a, labels_a), (b, labels_b) in zip(scenes, again, strict=False):
+        assert np.array_equal(a, b) and labels_a == labels_b
+    assert not np.array_equal(scenes[0][0], next(synth.render_scenes(1, 1, pairs))[0][:12000])
+    for wave, labels in scenes:
+        assert wave.dtype == np.float32 and wave.shape == (12000,) and np.abs(wave).max() <= 1.0
+        assert np.array_equal(np.round(wave * 32768), wave * 32768)  # 16-bit steps, as the files
+        assert labels == sorted(set(labels)) and set(labels) <= set(synth_text.EVENT_LABELS)
+        assert not any({a, b} <= set(labels) for a, b in pairs)
+    # no scene is a clip of a corpus split (same seed, other random stream)
+    corpus_rows = read_rows(corpus)
+    first = synth.render_scenes(1, 0, pairs, sample_rate=corpus_rows[0]["sample_rate"],
+                                clip_seconds=corpus_rows[0]["duration"])  # fmt: skip
+    wave, _ = next(first)
+    for row in corpus_rows:
+        audio, _ = sf.read(corpus / row["audio"], dtype="float32")
+        assert not np.array_equal(audio, wave)

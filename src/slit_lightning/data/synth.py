@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ IMPULSE_PEAK_OFFSET_DB = 8.0
 REGISTERED = ("bell", "beeps", "chord", "pure tone", "tremolo tone", "vibrato tone")
 BED_TYPES = ("hum", "pink noise", "pure tone", "rumble")  # may sound throughout, under the others
 N_HELDOUT_PAIRS = 6
+_SCENE_STREAM = len(SPLITS)  # random stream of render_scenes: past the splits', never a corpus clip
 _PEAK = 10 ** (-1 / 20)  # mixes louder than -1 dBFS are scaled down to it
 _VOWELS = {"ah": (730, 1090, 2440), "ee": (270, 2290, 3010), "oo": (300, 870, 2240)}  # formants, Hz
 
@@ -178,6 +179,30 @@ def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def render_scenes(
+    count: int,
+    seed: int,
+    pairs: list[tuple[str, str]],
+    sample_rate: int = 16000,
+    clip_seconds: float = 5.0,
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """``count`` new scenes rendered in memory: ``(waveform, event types)`` each, no files.
+
+    For training on more audio than a corpus holds (the built-in encoder's bootstrap). The scenes
+    come from the corpus generator's planner and renderers, like a train clip's, never hold one of
+    ``pairs`` (pass the corpus's held-out pairs) and are fixed by ``seed``; no corpus split holds
+    them. Waveforms are float32 in [-1, 1], quantised to 16 bits as the corpus files are.
+    """
+    settings = _Settings(int(seed), int(sample_rate), float(clip_seconds), "flac")
+    for index in range(count):
+        seeds = np.random.SeedSequence([settings.seed, _SCENE_STREAM, index]).spawn(2)
+        plan_rng, audio_rng = (np.random.default_rng(s) for s in seeds)
+        events, background = _plan_scene(plan_rng, "train", pairs, settings.clip_seconds)
+        audio = _render_scene(events, background, audio_rng, settings)
+        pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0) / 32768.0  # what a PCM_16 file reads
+        yield pcm.astype(np.float32), sorted({e["type"] for e in events})
 
 
 def _make_clip(
