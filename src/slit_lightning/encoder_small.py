@@ -9,9 +9,9 @@ pretrained encoder: ``HFAudioEncoder.from_pretrained(out_dir)``.
 Architecture: log-mel front end (100 frames/s) -> two stride-2 convolutions (25 frames/s) -> a small
 pre-norm transformer -> ``(B, T, D)`` frames. The built-in encoder (:data:`BUILTIN_SIZES`) uses
 kernel-7 convolutions: they see 190 ms of audio, a whole cycle of a 5-10 Hz tremolo or the gap
-between two beeps, where kernel-3 ones see 70 ms. Padding never changes the frames of real audio: padded
-mel frames and conv outputs are zeroed (what a clip alone sees at its edge) and attention ignores
-padded keys, so a clip's features do not depend on its batch-mates.
+between two beeps, where kernel-3 ones see 70 ms. Padding never changes the frames of real audio:
+padded mel frames and conv outputs are zeroed (what a clip alone sees at its edge) and attention
+ignores padded keys, so a clip's features do not depend on its batch-mates.
 """
 
 from __future__ import annotations
@@ -474,9 +474,10 @@ def _pooled_logits(model: SmallAudioModel, head: nn.Linear, batch: dict[str, Any
 
 
 class InMemoryClips:
-    """The training split decoded once and kept as tensors (224 MB for the built-in corpus), so
-    that every later epoch reshuffles clips instead of decoding and resampling every file again
-    (on 2 cores that was about a third of the bootstrap's time)."""
+    """The training split decoded once and kept as tensors, with any ``extra`` clips (896 MB for
+    the built-in corpus's 700 clips and 2100 scenes), so that every later epoch reshuffles clips
+    instead of decoding and resampling every file again (on 2 cores that was about a third of the
+    bootstrap's time)."""
 
     def __init__(
         self,
