@@ -245,7 +245,8 @@ def stage_checkpoints(tiny_encoder, tiny_bert, tiny_llm_factory, tmp_path_factor
             str(tiny_encoder), str(tiny_bert), embed_dim=16, text_pooling="mean", **sizes
         )
         paths[name] = _save_stage(stage1, folder / f"{name}.ckpt")
-    shared = {"generation": Generation(max_new_tokens=4), **sizes}
+    # windows=2: the exported and API paths must carry the window-level reading along
+    shared = {"generation": Generation(max_new_tokens=4), "windows": 2, **sizes}
     llm = str(tiny_llm_factory("llama"))
     torch.manual_seed(3)
     stage2 = Stage2(str(tiny_encoder), str(tiny_bert), llm, str(paths["stage1"]), **shared)

@@ -22,6 +22,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from slit_lightning.qformer import (
     AttentionMode,
+    AudioKV,
     QFormer,
     QFormerConfig,
     StackedAudioKV,
@@ -693,3 +694,74 @@ def test_query_states_only_where_the_queries_saw_no_text_and_only_for_causal_tex
         qformer(mode="bidirectional", query_states=states, **text)
     with pytest.raises(ValueError, match="layers"):
         qformer(mode="causal", query_states=states[:1], **text)
+
+
+# ---------------------------------------------------------------- window-level reading (SALMONN)
+
+
+def _window_frames(length: int, count: int) -> list[range]:
+    """The frames window w of a clip of ``length`` frames reads, written out plainly."""
+    out = []
+    for w in range(count):
+        start = w * length // count
+        out.append(range(start, max((w + 1) * length // count, start + 1)))
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 6])
+def test_windows_equal_each_span_read_alone(qformer: QFormer, batch: dict, count: int) -> None:
+    """Window w of a clip gives what the queries give reading that span of frames alone, in
+    time order, with or without an instruction; clip 1 is windowed over its 5 real frames, not
+    the 7 of the padded batch (6 windows of 5 frames share one frame between two windows)."""
+    kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
+    texts = (None, None), (batch["text_ids"], batch["text_mask"])
+    for ids, mask in texts:
+        out = qformer.window_queries(kv, count, ids, mask)
+        assert out.shape == (3, count * N, H)
+        for clip, length in enumerate((7, 5, 7)):
+            for w, frames in enumerate(_window_frames(length, count)):
+                span = batch["audio"][clip : clip + 1, list(frames)]
+                text = {} if ids is None else {"text_ids": ids[clip : clip + 1]}
+                if mask is not None:
+                    text["text_mask"] = mask[clip : clip + 1]
+                alone = qformer(span, mode="instruction" if text else "unimodal", **text).query
+                assert_close(out[clip, w * N : (w + 1) * N], alone[0], atol=1e-5, rtol=0)
+
+
+def test_windows_cover_every_frame_once_in_order() -> None:
+    kv = AudioKV({0: (torch.zeros(2, 1, 10, 4), torch.zeros(2, 1, 10, 4))}, None)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    spans = AudioKV(kv.layers, mask).windows(4).spans  # clip 0: 10 frames, clip 1: 4
+    assert spans.shape == (4, 2, 10)
+    assert spans[:, 0].sum(0).tolist() == [1] * 10  # each frame in exactly one window
+    assert [spans[w, 0].nonzero().flatten().tolist() for w in range(4)] == [
+        [0, 1], [2, 3, 4], [5, 6], [7, 8, 9],
+    ]  # fmt: skip
+    assert spans[:, 1].nonzero()[:, 1].tolist() == [0, 1, 2, 3]  # one real frame per window
+    assert kv.windows(1) is kv
+    assert kv.windows(3).repeat(2).batch_size == 12
+
+
+def test_windowed_audio_kv_misuse_is_refused(qformer: QFormer, batch: dict) -> None:
+    kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
+    with pytest.raises(ValueError, match="positive"):
+        kv.windows(0)
+    with pytest.raises(ValueError, match="before repeating"):
+        kv.repeat(2).windows(2)
+    with pytest.raises(ValueError, match="select clips before"):
+        kv.windows(2).select(torch.tensor([0]))
+    with pytest.raises(ValueError, match="not repeated"):
+        qformer.window_queries(kv.repeat(2), 2)
+
+
+def test_windowed_attention_maps_read_only_their_window(qformer: QFormer, batch: dict) -> None:
+    """Attention weights of a windowed pass: (B, heads, windows * N, T), window w's queries with
+    weight only on its own frames (clip 1: 5 real frames in 2 windows, frames 0-1 and 2-4)."""
+    kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
+    weights = qformer.cross_attention_weights(kv.windows(2))
+    for w in weights.values():
+        assert w.shape == (3, qformer.config.num_heads, 2 * N, 7)
+        assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+        assert torch.all(w[1, :, :N, 2:] == 0) and torch.all(w[1, :, N:, :2] == 0)
+        assert torch.all(w[1, :, :, 5:] == 0) and torch.all(w[0, :, N:, :3] == 0)

@@ -44,7 +44,7 @@ from slit_lightning.state_check import check_state
 log = logging.getLogger(__name__)
 
 FORMAT = "slit-lightning-export"
-VERSION = 1
+VERSION = 2  # 2 added the generator's "windows" (older readers would ignore them)
 CONFIG = "slit_config.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer"
@@ -192,6 +192,7 @@ def _config_and_state(
             "instructed": gen.instructed,
             "prompt": gen.prompt,
             "max_instruction_len": gen.max_instruction_len,
+            "windows": gen.windows,
             "generation": dataclasses.asdict(gen.generation),
             "llm": {
                 "identity": gen.llm.identity,
@@ -294,6 +295,7 @@ def _load_generator(
         prompt=config["prompt"],
         max_instruction_len=config["max_instruction_len"],
         generation=Generation(**config["generation"]),
+        windows=int(config.get("windows", 1)),  # version-1 exports read clips whole
     )
     what = f"the generator.* weights of {folder / WEIGHTS}"
     check_state(generator.state_dict(), state, what, _REEXPORT, optional=("llm.",))

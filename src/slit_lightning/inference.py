@@ -223,4 +223,5 @@ def _generator(stage: Stage2) -> TextGenerator:
         prompt=stage.hparams.prompt,
         max_instruction_len=stage.hparams.max_instruction_len if instructed else None,
         generation=stage.generation,
+        windows=stage.hparams.windows,
     )

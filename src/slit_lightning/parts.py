@@ -87,6 +87,7 @@ class TextGenerator(nn.Module):
         instructed: the queries read the instruction (instruction tuning) or not (stage 2).
         tokenizer: the Q-Former's tokenizer (needed when ``instructed``).
         prompt: stage 2's text prompt before a caption.
+        windows: time spans the queries read in turn (``Stage2``'s ``windows``).
         max_instruction_len: instructions are cut to this many Q-Former tokens (when
             ``instructed``).
         generation: default decoding settings.
@@ -102,9 +103,11 @@ class TextGenerator(nn.Module):
         prompt: str = "",
         max_instruction_len: int | None = None,
         generation: Generation | None = None,
+        windows: int = 1,
     ) -> None:
         super().__init__()
         self.qformer, self.llm_proj, self.llm = qformer, llm_proj, llm
+        self.windows = windows
         self.instructed, self.tokenizer, self.prompt = instructed, tokenizer, prompt
         self.max_instruction_len = max_instruction_len
         self.generation = generation or Generation()
@@ -115,19 +118,18 @@ class TextGenerator(nn.Module):
             )
 
     def soft_prompt(self, feats: Tensor, frames: Tensor, instructions: list[str]) -> Tensor:
-        """``(B, T, D)`` features -> ``(B, N, W)`` LLM inputs; instruction tuning's queries read
-        ``instructions`` (one per clip), stage 2's do not."""
+        """``(B, T, D)`` features -> ``(B, N * windows, W)`` LLM inputs; instruction tuning's
+        queries read ``instructions`` (one per clip), stage 2's do not."""
         kv = self.qformer.audio_keys_values(feats, frames)
         if not self.instructed:
-            return self.llm_proj(self.qformer(audio_kv=kv, mode="unimodal").query)
+            return self.llm_proj(self.qformer.window_queries(kv, self.windows))
         device = self.llm_proj.weight.device
         tokens = self.tokenizer(
             instructions, padding="longest", truncation=True,
             max_length=self.max_instruction_len, return_tensors="pt",
         )  # fmt: skip
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        out = self.qformer(audio_kv=kv, text_ids=ids, text_mask=mask, mode="instruction")
-        return self.llm_proj(out.query)
+        return self.llm_proj(self.qformer.window_queries(kv, self.windows, ids, mask))
 
     def answer(
         self, feats: Tensor, frames: Tensor, instructions: list[str], settings: Generation | None

@@ -318,6 +318,34 @@ class QFormer(nn.Module):
             query_states=states if unseen else None,
         )
 
+    def window_queries(
+        self,
+        audio_kv: AudioKV,
+        windows: int = 1,
+        text_ids: Tensor | None = None,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Query outputs ``(B, windows * N, H)``: the queries read each of ``windows`` equal spans
+        of every clip (`AudioKV.windows`), and the spans' outputs follow one another in time order.
+
+        SALMONN's window-level Q-Former: an LLM reading these as its soft prompt gets the order of
+        events from the order of its inputs, where BLIP-2's clip-level pass (``windows=1``, the
+        same as ``forward``) leaves order to whatever the frames' features encode. With text (an
+        instruction, ``(B, L)``), every window's queries read it (``mode="instruction"``).
+        """
+        if audio_kv.repeats != 1:
+            raise ValueError("window_queries reads a batch of clips (an AudioKV not repeated)")
+        mode: AttentionMode = "unimodal"
+        if text_ids is not None:
+            mode = "instruction"
+            text_ids = text_ids.repeat(windows, 1)
+            text_mask = None if text_mask is None else text_mask.repeat(windows, 1)
+        out = self(
+            audio_kv=audio_kv.windows(windows), text_ids=text_ids, text_mask=text_mask, mode=mode
+        ).query
+        clips, n, width = audio_kv.clips, out.shape[1], out.shape[2]
+        return out.view(windows, clips, n, width).transpose(0, 1).reshape(clips, windows * n, width)
+
     def embed_text(self, text_ids: Tensor) -> Tensor:
         """Token ids (B, L) -> the embeddings a pass starts from (``text_embeds`` of ``forward``)."""
         return self.embeddings.lookup(text_ids)

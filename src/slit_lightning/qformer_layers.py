@@ -41,6 +41,9 @@ class AudioKV:
     repeats: int = 1
     """The rows that read these clips: ``repeats`` copies of the batch in turn, row ``r`` reading
     clip ``r % B`` (see `repeat`); the keys/values are never copied for them."""
+    spans: Tensor | None = None
+    """(repeats, B, T) bool: the frames each copy of the batch reads (see `windows`); None = the
+    whole of every clip."""
 
     @property
     def clips(self) -> int:
@@ -56,10 +59,43 @@ class AudioKV:
         with a hard-negative caption). No copy: the copies' queries are stacked along the query
         axis of one attention call per clip, which gives each row exactly what a copied batch
         would (attention rows are independent), with each clip's keys/values read once."""
-        return dataclasses.replace(self, repeats=self.repeats * times)
+        spans = None if self.spans is None else self.spans.repeat(times, 1, 1)
+        return dataclasses.replace(self, repeats=self.repeats * times, spans=spans)
+
+    def windows(self, count: int) -> AudioKV:
+        """Each clip read ``count`` times, copy ``w`` (rows ``w * B .. w * B + B - 1``) seeing only
+        the ``w``-th of ``count`` equal spans of the clip's own frames, in time order (SALMONN's
+        window-level Q-Former). The spans follow each clip's valid frames, not the padded batch, so
+        a clip is read the same whatever it is batched with; a clip of fewer than ``count`` frames
+        gives some frames to two neighbouring windows, so that no window is empty. No copy of
+        the keys/values, as in `repeat`; ``count=1`` is the clip read whole (this object)."""
+        if count < 1:
+            raise ValueError(f"windows must be a positive number of spans per clip; got {count}")
+        if count == 1:
+            return self
+        if self.repeats != 1:
+            raise ValueError(
+                "split clips into windows before repeating them (windows, then repeat)"
+            )
+        keys = next(iter(self.layers.values()))[0]
+        if self.mask is None:
+            valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
+        else:
+            valid = self.mask[:, 0, 0]  # at least one True per clip (see the Q-Former's mask)
+        rank = valid.cumsum(-1) - 1  # (B, T): the place of each valid frame among its clip's
+        length = valid.sum(-1, keepdim=True)  # (B, 1)
+        window = torch.arange(count, device=keys.device)[:, None, None]  # (W, 1, 1)
+        start = torch.div(window * length, count, rounding_mode="floor")  # (W, B, 1)
+        end = torch.maximum(
+            torch.div((window + 1) * length, count, rounding_mode="floor"), start + 1
+        )
+        spans = valid & (rank >= start) & (rank < end)  # (W, B, T)
+        return dataclasses.replace(self, repeats=count, spans=spans)
 
     def select(self, index: Tensor) -> AudioKV:
         """Rows `index` (B',): re-pairs clips with other rows without re-projecting (a copy)."""
+        if self.spans is not None:
+            raise ValueError("select clips before splitting them into windows")
         index = index % self.clips if self.repeats > 1 else index
         return AudioKV(
             {
@@ -76,7 +112,11 @@ class AudioKV:
             return attention(queries, self.mask, kv=kv)
         copies, (rows, n, width) = self.repeats, queries.shape
         stacked = queries.view(copies, rows // copies, n, width).transpose(0, 1)
-        out = attention(stacked.reshape(rows // copies, copies * n, width), self.mask, kv=kv)
+        mask = self.mask
+        if self.spans is not None:  # each copy's queries read their own span: (B, 1, copies*n, T)
+            spans = self.spans.transpose(0, 1)[:, :, None].expand(-1, -1, n, -1)
+            mask = spans.reshape(rows // copies, 1, copies * n, spans.shape[-1])
+        out = attention(stacked.reshape(rows // copies, copies * n, width), mask, kv=kv)
         return out.view(rows // copies, copies, n, width).transpose(0, 1).reshape(rows, n, width)
 
 

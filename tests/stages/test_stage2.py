@@ -53,11 +53,12 @@ def test_only_the_query_path_and_projection_train(stage2):
     assert stage2.qformer.training
 
 
-@pytest.mark.parametrize("kind", ["opt", "llama", "t5"])
+@pytest.mark.parametrize(("kind", "windows"), [("opt", 1), ("llama", 3), ("t5", 2)])
 def test_training_step_reaches_the_query_path_only(
-    kind, tiny_encoder, tiny_bert, tiny_llm_factory, stage1_ckpt, clip_dir
+    kind, windows, tiny_encoder, tiny_bert, tiny_llm_factory, stage1_ckpt, clip_dir
 ):
-    stage2 = make_stage2(tiny_encoder, tiny_bert, tiny_llm_factory(kind), stage1_ckpt[0])
+    llm = tiny_llm_factory(kind)
+    stage2 = make_stage2(tiny_encoder, tiny_bert, llm, stage1_ckpt[0], windows=windows)
     dm = AudioTextDataModule(
         train=str(clip_dir / "train.jsonl"), batch_size=4, num_workers=0, max_seconds=0.5
     )
@@ -73,6 +74,15 @@ def test_training_step_reaches_the_query_path_only(
     assert not stage2.qformer.embeddings.word.weight.requires_grad
     captions = stage2.caption(batch)
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+    # one soft-prompt vector per query and window, the windows in time order
+    assert stage2.audio_soft_prompt(batch).shape[:2] == (4, QFORMER["num_queries"] * windows)
+    maps, _ = stage2.attention_maps(batch)
+    assert all(m.shape[2] == QFORMER["num_queries"] * windows for m in maps.values())
+
+
+def test_windows_must_be_positive(tiny_encoder, tiny_bert, tiny_llm_factory):
+    with pytest.raises(ValueError, match="model.windows must be a positive"):
+        make_stage2(tiny_encoder, tiny_bert, tiny_llm_factory("opt"), windows=0)
 
 
 def test_fit_scores_captions_and_checkpoints_by_reference(stage2, clip_dir, tmp_path):

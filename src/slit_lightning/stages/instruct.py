@@ -108,8 +108,7 @@ class Instruct(Stage2):
         ids, mask = self.tokenize(
             self.tokenizer, instructions, self.hparams.max_instruction_len, pad_to_max=False
         )
-        queries = self.qformer(audio_kv=kv, text_ids=ids, text_mask=mask, mode="instruction")
-        return self.llm_proj(queries.query)
+        return self.llm_proj(self.qformer.window_queries(kv, self.hparams.windows, ids, mask))
 
     def caption(self, batch: dict[str, Any], settings: Any = None) -> list[str]:
         """A caption per clip, asked with the first training wording of the caption task."""
@@ -117,16 +116,18 @@ class Instruct(Stage2):
         return self.answer(batch, [TASKS["caption"][0][0]] * size, settings=settings)
 
     def attention_maps(self, batch: dict[str, Any]) -> tuple[dict[int, Tensor], Tensor]:
-        """As :meth:`SLITStage.attention_maps`, with the queries reading the caption
-        instruction (what they look for depends on it)."""
+        """As :meth:`Stage2.attention_maps`, with the queries reading the caption instruction
+        (what they look for depends on it)."""
         feats, frames = self.encode_audio(batch)
-        kv = self.qformer.audio_keys_values(feats, frames)
+        windows = self.hparams.windows
+        kv = self.qformer.audio_keys_values(feats, frames).windows(windows)
         ids, mask = self.tokenize(
             self.tokenizer,
             [TASKS["caption"][0][0]] * frames.shape[0],
             self.hparams.max_instruction_len,
             pad_to_max=False,
         )
+        ids, mask = ids.repeat(windows, 1), mask.repeat(windows, 1)
         return self.qformer.cross_attention_weights(kv, ids, mask, mode="instruction"), frames
 
     # ------------------------------------------------------------------ training

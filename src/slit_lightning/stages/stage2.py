@@ -42,6 +42,10 @@ class Stage2(SLITStage):
         init_from: stage-1 checkpoint whose Q-Former this stage starts from (None: straight
             from ``bert``, with a warning: the queries then know nothing of audio).
         num_queries: learned queries (as in stage 1).
+        windows: the queries read each of this many equal time spans of a clip, and the LLM gets
+            the spans' outputs in time order (SALMONN's window-level Q-Former; ``num_queries *
+            windows`` soft-prompt vectors). 1 reads the clip whole (BLIP-2). Windows tell the LLM
+            which event came first; the queries' weights are the same whatever the count.
         cross_attention_freq: cross-attention in every n-th layer (as in stage 1).
         qformer_layers: first n layers of ``bert`` (as in stage 1).
         qformer_dropout: Q-Former dropout (None: ``bert``'s own).
@@ -61,6 +65,7 @@ class Stage2(SLITStage):
         llm: str,
         init_from: str | None = None,
         num_queries: int = 32,
+        windows: int = 1,
         cross_attention_freq: int = 2,
         qformer_layers: int | None = None,
         qformer_dropout: float | None = None,
@@ -73,6 +78,8 @@ class Stage2(SLITStage):
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
+        if windows < 1:
+            raise ValueError(f"model.windows must be a positive number of spans; got {windows}")
         if isinstance(generation, dict):  # as stored in a checkpoint's hyper-parameters
             generation = Generation(**generation)
         self.generation = generation or Generation()
@@ -151,11 +158,11 @@ class Stage2(SLITStage):
     # ------------------------------------------------------------------ the model
 
     def soft_prompt(self, kv: AudioKV) -> Tensor:
-        """Queries read the audio -> ``(B, N, W)`` inputs for the LLM (``W`` its width)."""
-        return self.llm_proj(self.qformer(audio_kv=kv, mode="unimodal").query)
+        """Queries read the audio -> ``(B, N * windows, W)`` inputs for the LLM (``W`` its width)."""
+        return self.llm_proj(self.qformer.window_queries(kv, self.hparams.windows))
 
     def audio_soft_prompt(self, batch: dict[str, Any]) -> Tensor:
-        """Waveforms ``(B, S)`` (+ mask) -> soft prompt ``(B, N, W)``."""
+        """Waveforms ``(B, S)`` (+ mask) -> soft prompt ``(B, N * windows, W)``."""
         feats, frames = self.encode_audio(batch)
         return self.soft_prompt(self.qformer.audio_keys_values(feats, frames))
 
@@ -179,6 +186,13 @@ class Stage2(SLITStage):
             kv = kv.select(rows.to(self.device))
         soft = self.instructed_soft_prompt(kv, instructions)
         return self.llm.generate(soft, instructions, settings or self.generation)
+
+    def attention_maps(self, batch: dict[str, Any]) -> tuple[dict[int, Tensor], Tensor]:
+        """As :meth:`SLITStage.attention_maps`, each window's queries in turn: ``(B, heads,
+        N * windows, T)``, every query reading its own window's frames."""
+        feats, frames = self.encode_audio(batch)
+        kv = self.qformer.audio_keys_values(feats, frames).windows(self.hparams.windows)
+        return self.qformer.cross_attention_weights(kv), frames
 
     def caption(self, batch: dict[str, Any], settings: Generation | None = None) -> list[str]:
         """One generated caption per clip of ``batch`` (``audio``, ``audio_mask``)."""
