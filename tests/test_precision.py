@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from slit_lightning import precision
 from slit_lightning.precision import cpu_autocast, has_bf16_flags, native_bf16
 
 X86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\nbogomips\t: 4800\n"
@@ -30,3 +31,16 @@ def test_cpu_autocast_multiplies_in_bf16_only_when_asked():
         assert (a @ b).dtype == torch.float32
     with cpu_autocast():
         assert (a @ b).dtype == (torch.bfloat16 if native_bf16() else torch.float32)
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16-mixed"), (False, "32-true")])
+def test_configs_ask_for_bf16_only_where_the_cpu_has_it(monkeypatch, native, expected):
+    """``${cpu_precision:}`` in a stage config resolves to what this CPU runs fast."""
+    from omegaconf import OmegaConf
+
+    from slit_lightning.cli import register_resolvers
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: native)
+    register_resolvers()
+    config = OmegaConf.create({"trainer": {"precision": "${cpu_precision:}"}})
+    assert config.trainer.precision == expected == precision.cpu_precision()

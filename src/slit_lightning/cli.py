@@ -78,12 +78,15 @@ class _CrashSafeCheckpoints:
 
 
 def register_resolvers() -> None:
-    """YAML helpers: ``${builtin_bert:}`` is the folder of the packaged MiniLM BERT."""
+    """YAML helpers: ``${builtin_bert:}`` is the folder of the packaged MiniLM BERT;
+    ``${cpu_precision:}`` is ``bf16-mixed`` on a CPU with native bf16, else ``32-true``."""
     from omegaconf import OmegaConf
 
+    from slit_lightning.precision import cpu_precision
     from slit_lightning.qformer import minilm_path
 
     OmegaConf.register_resolver("builtin_bert", lambda: str(minilm_path()), replace=True)
+    OmegaConf.register_resolver("cpu_precision", cpu_precision, replace=True)
 
 
 def data_parser() -> Any:

@@ -341,7 +341,11 @@ class QFormer(nn.Module):
             text_ids = text_ids.repeat(windows, 1)
             text_mask = None if text_mask is None else text_mask.repeat(windows, 1)
         out = self(
-            audio_kv=audio_kv.windows(windows), text_ids=text_ids, text_mask=text_mask, mode=mode
+            audio_kv=audio_kv.windows(windows),
+            text_ids=text_ids,
+            text_mask=text_mask,
+            mode=mode,
+            text_output=False,  # only the queries go on: the last layer skips the text rows
         ).query
         clips, n, width = audio_kv.clips, out.shape[1], out.shape[2]
         return out.view(windows, clips, n, width).transpose(0, 1).reshape(clips, windows * n, width)
