@@ -348,7 +348,9 @@ class QFormer(nn.Module):
             text_output=False,  # only the queries go on: the last layer skips the text rows
         ).query
         clips, n, width = audio_kv.clips, out.shape[1], out.shape[2]
-        return out.view(windows, clips, n, width).transpose(0, 1).reshape(clips, windows * n, width)
+        return (
+            out.reshape(windows, clips, n, width).transpose(0, 1).reshape(clips, windows * n, width)
+        )
 
     def embed_text(self, text_ids: Tensor) -> Tensor:
         """Token ids (B, L) -> the embeddings a pass starts from (``text_embeds`` of ``forward``)."""
@@ -401,7 +403,8 @@ class QFormer(nn.Module):
                 queries look for).
 
         Returns:
-            layer index -> ``(B, heads, N, T)`` probabilities; padded frames get 0.
+            layer index -> ``(B, heads, N, T)`` probabilities; padded frames get 0. With
+            ``audio_kv.windows(n)``: ``(B, heads, n * N, T)``, the windows' queries in turn.
         """
         weights: dict[int, Tensor] = {}
 

@@ -149,3 +149,18 @@ def test_refuses_a_stage2_checkpoint_of_another_llm(
 ):
     with pytest.raises(CheckpointError, match="LLM"):
         make_instruct(tiny_encoder, tiny_bert, tiny_llm_factory("llama"), stage2_ckpt[0])
+
+
+def test_warns_when_it_reads_other_windows_than_its_stage2(
+    stage2_ckpt, tiny_encoder, tiny_bert, tiny_llm_factory, tmp_path, caplog
+):
+    checkpoint = torch.load(stage2_ckpt[0], weights_only=True)
+    checkpoint["hyper_parameters"] = {"windows": 2}
+    path = tmp_path / "stage2_windows2.ckpt"
+    torch.save(checkpoint, path)
+    llm = tiny_llm_factory("opt")
+    with caplog.at_level("WARNING", logger="slit_lightning.stages.instruct"):
+        make_instruct(tiny_encoder, tiny_bert, llm, path, windows=2)
+        assert not caplog.records
+        make_instruct(tiny_encoder, tiny_bert, llm, path, windows=3)
+    assert "trained reading 2 window(s) per clip, this run reads 3" in caplog.text

@@ -12,6 +12,7 @@ through its text path) except the LM head, which no loss here reaches; the proje
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from slit_lightning.qformer import AudioKV
 from slit_lightning.stages.base import CheckpointError, frozen_references
 from slit_lightning.stages.stage2 import Stage2, _gather, _scored_on_rank_zero
 from slit_lightning.state_check import check_state
+
+log = logging.getLogger(__name__)
 
 VALIDATION_TASKS = ("caption", "qa", "classify", "tag")
 
@@ -81,6 +84,14 @@ class Instruct(Stage2):
     def load_stage1(self, path: str) -> dict[str, Any]:
         """The Q-Former (and, from a stage-2 checkpoint, the projection) of ``path``."""
         checkpoint = super().load_stage1(path)
+        trained = checkpoint.get("hyper_parameters", {}).get("windows")
+        if trained is not None and trained != self.hparams.windows:
+            log.warning(
+                "model.init_from: %s was trained reading %d window(s) per clip, this run reads %d;"
+                " the weights fit, but the queries start out reading spans they were not trained"
+                " on (set model.windows: %d to continue as trained)",
+                path, trained, self.hparams.windows, trained,
+            )  # fmt: skip
         llm = frozen_references(checkpoint).get("llm")
         if llm is not None and llm != self.llm.identity:
             raise CheckpointError(
