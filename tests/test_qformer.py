@@ -651,9 +651,7 @@ def test_cross_attention_weights_per_layer_ignore_padding(qformer: QFormer, batc
     for i, w in alone.items():
         assert_close(w[0], weights[i][1, :, :, :5], atol=1e-6, rtol=0)
     # an instruction changes what the queries look for; the hooks are gone afterwards
-    instructed = qformer.cross_attention_weights(
-        kv, batch["text_ids"], batch["text_mask"], mode="instruction"
-    )
+    instructed = qformer.cross_attention_weights(kv, batch["text_ids"], batch["text_mask"])
     assert not torch.allclose(instructed[0], weights[0])
     assert all(not layer.cross_attn._forward_hooks for layer in qformer.layers if layer.cross_attn)
 
@@ -739,16 +737,17 @@ def test_windows_cover_every_frame_once_in_order() -> None:
         [0, 1], [2, 3, 4], [5, 6], [7, 8, 9],
     ]  # fmt: skip
     assert spans[:, 1].nonzero()[:, 1].tolist() == [0, 1, 2, 3]  # one real frame per window
-    assert kv.windows(1) is kv
-    assert kv.windows(3).repeat(2).batch_size == 12
+    assert kv.windows(1) is kv and kv.windows(3).batch_size == 6
 
 
 def test_windowed_audio_kv_misuse_is_refused(qformer: QFormer, batch: dict) -> None:
     kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
     with pytest.raises(ValueError, match="positive"):
         kv.windows(0)
-    with pytest.raises(ValueError, match="before repeating"):
+    with pytest.raises(ValueError, match="not repeated"):
         kv.repeat(2).windows(2)
+    with pytest.raises(ValueError, match="repeat clips before"):
+        kv.windows(2).repeat(2)
     with pytest.raises(ValueError, match="select clips before"):
         kv.windows(2).select(torch.tensor([0]))
     with pytest.raises(ValueError, match="not repeated"):
@@ -759,7 +758,7 @@ def test_windowed_attention_maps_read_only_their_window(qformer: QFormer, batch:
     """Attention weights of a windowed pass: (B, heads, windows * N, T), window w's queries with
     weight only on its own frames (clip 1: 5 real frames in 2 windows, frames 0-1 and 2-4)."""
     kv = qformer.audio_keys_values(batch["audio"], batch["audio_mask"])
-    weights = qformer.cross_attention_weights(kv.windows(2))
+    weights = qformer.cross_attention_weights(kv, windows=2)
     for w in weights.values():
         assert w.shape == (3, qformer.config.num_heads, 2 * N, 7)
         assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))

@@ -390,7 +390,7 @@ class QFormer(nn.Module):
         audio_kv: AudioKV,
         text_ids: Tensor | None = None,
         text_mask: Tensor | None = None,
-        mode: AttentionMode = "unimodal",
+        windows: int = 1,
     ) -> dict[int, Tensor]:
         """How the queries attend over the audio frames, for inspection (dashboards).
 
@@ -399,12 +399,12 @@ class QFormer(nn.Module):
 
         Args:
             audio_kv: ``audio_keys_values(...)`` of B clips with T frames.
-            text_ids, text_mask, mode: as in ``forward`` (an instruction changes what the
-                queries look for).
+            text_ids, text_mask, windows: as in `window_queries` (an instruction changes what
+                the queries look for).
 
         Returns:
-            layer index -> ``(B, heads, N, T)`` probabilities; padded frames get 0. With
-            ``audio_kv.windows(n)``: ``(B, heads, n * N, T)``, the windows' queries in turn.
+            layer index -> ``(B, heads, windows * N, T)`` probabilities, the windows' queries in
+            turn, each with weight on its own window only; padded frames get 0.
         """
         weights: dict[int, Tensor] = {}
 
@@ -421,7 +421,7 @@ class QFormer(nn.Module):
             if layer.cross_attn is not None
         ]
         try:
-            self(audio_kv=audio_kv, text_ids=text_ids, text_mask=text_mask, mode=mode)
+            self.window_queries(audio_kv, windows, text_ids, text_mask)
         finally:
             for handle in handles:
                 handle.remove()

@@ -59,8 +59,9 @@ class AudioKV:
         with a hard-negative caption). No copy: the copies' queries are stacked along the query
         axis of one attention call per clip, which gives each row exactly what a copied batch
         would (attention rows are independent), with each clip's keys/values read once."""
-        spans = None if self.spans is None else self.spans.repeat(times, 1, 1)
-        return dataclasses.replace(self, repeats=self.repeats * times, spans=spans)
+        if self.spans is not None:
+            raise ValueError("repeat clips before splitting them into windows")
+        return dataclasses.replace(self, repeats=self.repeats * times)
 
     def windows(self, count: int) -> AudioKV:
         """Each clip read ``count`` times, copy ``w`` (rows ``w * B .. w * B + B - 1``) seeing only
@@ -74,9 +75,7 @@ class AudioKV:
         if count == 1:
             return self
         if self.repeats != 1:
-            raise ValueError(
-                "split clips into windows before repeating them (windows, then repeat)"
-            )
+            raise ValueError("window_queries reads a batch of clips (an AudioKV not repeated)")
         keys = next(iter(self.layers.values()))[0]
         if self.mask is None:
             valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)

@@ -130,16 +130,14 @@ class Instruct(Stage2):
         """As :meth:`Stage2.attention_maps`, with the queries reading the caption instruction
         (what they look for depends on it)."""
         feats, frames = self.encode_audio(batch)
-        windows = self.hparams.windows
-        kv = self.qformer.audio_keys_values(feats, frames).windows(windows)
+        kv = self.qformer.audio_keys_values(feats, frames)
         ids, mask = self.tokenize(
             self.tokenizer,
             [TASKS["caption"][0][0]] * frames.shape[0],
             self.hparams.max_instruction_len,
             pad_to_max=False,
         )
-        ids, mask = ids.repeat(windows, 1), mask.repeat(windows, 1)
-        return self.qformer.cross_attention_weights(kv, ids, mask, mode="instruction"), frames
+        return self.qformer.cross_attention_weights(kv, ids, mask, self.hparams.windows), frames
 
     # ------------------------------------------------------------------ training
 

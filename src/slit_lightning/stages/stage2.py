@@ -191,8 +191,8 @@ class Stage2(SLITStage):
         """As :meth:`SLITStage.attention_maps`, each window's queries in turn: ``(B, heads,
         N * windows, T)``, every query reading its own window's frames."""
         feats, frames = self.encode_audio(batch)
-        kv = self.qformer.audio_keys_values(feats, frames).windows(self.hparams.windows)
-        return self.qformer.cross_attention_weights(kv), frames
+        kv = self.qformer.audio_keys_values(feats, frames)
+        return self.qformer.cross_attention_weights(kv, windows=self.hparams.windows), frames
 
     def caption(self, batch: dict[str, Any], settings: Generation | None = None) -> list[str]:
         """One generated caption per clip of ``batch`` (``audio``, ``audio_mask``)."""
