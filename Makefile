@@ -30,6 +30,7 @@ demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors $(DEM
 	$(SLIT) fit --config conf/stage1.yaml
 	$(SLIT) fit --config conf/stage2.yaml
 	$(SLIT) test --config conf/stage2.yaml --ckpt_path $(DEMO_DIR)/stage2/checkpoints/last.ckpt
+	$(SLIT) data agreement $$(ls -t $(DEMO_DIR)/logs/stage2/version_*/test_captions.json | head -1) --corpus $(DEMO_DIR)/corpus
 	$(SLIT) fit --config conf/instruct.yaml
 	$(SLIT) caption $(DEMO_CLIPS) --ckpt $(DEMO_DIR)/stage2/checkpoints/last.ckpt
 	$(SLIT) ask $(word 1,$(DEMO_CLIPS)) "List all the sounds you hear." --ckpt $(DEMO_DIR)/instruct/checkpoints/last.ckpt

@@ -78,6 +78,15 @@ def test_synth_then_data_check_reports_and_logs_to_tensorboard(tmp_path, capsys)
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     assert events.Scalars("data/train/clips")[0].value == len(rows)
+    # `data agreement` scores a captions file against the corpus's events
+    captions = [{"clip_id": r["id"], "prediction": r["captions"][0]} for r in rows]
+    captions[0]["prediction"] = "Nothing at all."
+    report = tmp_path / "val_captions.json"
+    report.write_text(json.dumps({"captions": captions}))
+    main(["data", "agreement", str(report), "--corpus", str(corpus)])
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["precision"] == 1.0
+    assert scores["all_right"] == pytest.approx((len(rows) - 1) / len(rows), abs=1e-4)
 
 
 def test_shards_command_packs_a_manifest(clip_dir, capsys):

@@ -18,6 +18,7 @@ YAML can interpolate and several ``--config`` files compose). The other sub-comm
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import sys
 from typing import Any
@@ -90,7 +91,7 @@ def register_resolvers() -> None:
 
 
 def data_parser() -> Any:
-    """Parser of ``slit data synth|check|shards``."""
+    """Parser of ``slit data synth|check|shards|agreement``."""
     import argparse
 
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -124,11 +125,19 @@ def data_parser() -> Any:
     shards.add_function_arguments(write_shards, skip={"source", "out_dir", "progress"})
     shards.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
+    agreement = ArgumentParser(
+        description="Score a captions JSON (stage 2's val/test output) against the built-in"
+        " corpus's events: types, number words and order (slit_lightning.metrics.events)."
+    )
+    agreement.add_argument("captions", help="a {split}_captions.json written by slit test/validate")
+    agreement.add_argument("--corpus", required=True, help="the built-in corpus the clips are from")
+
     parser = ArgumentParser(prog="slit data", description="Data tools.")
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("synth", synth)
     commands.add_subcommand("check", check)
     commands.add_subcommand("shards", shards)
+    commands.add_subcommand("agreement", agreement)
     return parser
 
 
@@ -163,6 +172,11 @@ def data_command(argv: list[str]) -> None:
             print(report.line())
         if sub.log_dir:
             print(f"TensorBoard logs: {sub.log_dir}  (tensorboard --logdir {sub.log_dir})")
+    elif cfg.command == "agreement":
+        from slit_lightning.metrics.events import score_captions_file
+
+        scores = score_captions_file(sub.captions, sub.corpus)
+        print(json.dumps({k: round(v, 4) for k, v in scores.items()}))
     else:
         from slit_lightning.data.shards import write_shards
 

@@ -315,28 +315,14 @@ def test_bad_arguments_raise_a_clear_error(tmp_path: Path, kwargs: dict, message
     assert not (tmp_path / "out").exists()
 
 
-def test_named_event_types_reads_every_wording_in_order(corpus: Path) -> None:
-    from slit_lightning.data.synth_text import event_agreement, named_event_types
+def test_corpus_captions_name_exactly_their_clips_events(corpus: Path) -> None:
+    from slit_lightning.metrics.events import event_agreement
 
-    text = "A soft drone, then two thuds, a high-pitched bell strike and white noise in the background."
-    assert named_event_types(text) == ["hum", "knocks", "bell", "white noise"]
-    assert named_event_types("Background noise only, no events.") == []
-    assert named_event_types("A three-note chord over a deep rumble") == ["chord", "rumble"]
-    for row in read_rows(
-        corpus, ("train", "val", "test")
-    ):  # the corpus captions: exactly its types
-        for caption in row["captions"]:
-            assert set(named_event_types(caption)) == set(row["labels"]), caption
-    scores = event_agreement(
-        ["two thuds then a hum", "a siren", ""],
-        [["knocks", "hum"], ["siren", "bell"], ["chord"]],
-        ["knocks", "bell", "chord"],
-    )
-    assert scores == {
-        "event_precision": 1.0,
-        "event_recall": 3 / 5,
-        "first_event_accuracy": 1 / 3,
-    }
+    rows = read_rows(corpus, ("train", "val", "test", "zeroshot"))
+    captions = [c for row in rows for c in row["captions"]]
+    events = [row["events"] for row in rows for _ in row["captions"]]
+    scores = event_agreement(captions, events)
+    assert scores["all_right"] == scores["precision"] == scores["recall"] == 1.0
 
 
 def test_render_scenes_are_seeded_new_and_keep_the_heldout_pairs_apart(corpus: Path) -> None:

@@ -7,7 +7,6 @@ where its attribute exists. An event dict here is a row of a manifest's ``events
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -252,42 +251,3 @@ def questions(events: list[dict[str, Any]], rng: np.random.Generator) -> list[di
     add("presence", f"Does the clip contain {_noun_for_question(_pick(rng, present))}?", "yes")
     add("presence", f"Does the clip contain {_noun_for_question(_pick(rng, absent))}?", "no")
     return qa
-
-
-def named_event_types(text: str) -> list[str]:
-    """The event types a sentence names (any train or held-out wording), in order of first mention.
-
-    A diagnostic for generated captions of the built-in corpus: compare with a clip's ``labels``
-    (which types) and the order of its foreground ``events``.
-
-    Example::
-
-        named_event_types("A soft drone, then two thuds and a bell.")  # ['hum', 'knocks', 'bell']
-    """
-    lowered = text.lower()
-    first: dict[str, int] = {}
-    for table in wording_table().values():
-        for label, forms in table.items():
-            for form in forms:
-                for match in re.finditer(rf"(?<![\w-]){re.escape(form)}(?![\w-])", lowered):
-                    first[label] = min(first.get(label, match.start()), match.start())
-    return sorted(first, key=first.__getitem__)
-
-
-def event_agreement(
-    captions: Sequence[str], labels: Sequence[Sequence[str]], first: Sequence[str]
-) -> dict[str, float]:
-    """How well captions name the right event types: micro precision / recall over clips, and the
-    fraction whose first-named type is the clip's first foreground event ``first[i]``."""
-    hits = named = truth = first_right = 0
-    for caption, clip_labels, clip_first in zip(captions, labels, first, strict=True):
-        found = named_event_types(caption)
-        hits += len(set(found) & set(clip_labels))
-        named += len(set(found))
-        truth += len(set(clip_labels))
-        first_right += int(bool(found) and found[0] == clip_first)
-    return {
-        "event_precision": hits / max(named, 1),
-        "event_recall": hits / max(truth, 1),
-        "first_event_accuracy": first_right / max(len(captions), 1),
-    }
