@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -61,6 +62,7 @@ def test_saves_a_complete_model_with_metrics(trained: tuple[Path, dict, list]) -
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert {"val_loss", "val_perplexity", "val_loss_untrained", "seconds"} <= metrics.keys()
     assert metrics["val_loss"] < metrics["val_loss_untrained"] - 0.5
+    assert all(0 <= metrics[f"context_{k}"] <= 1 for k in ("all_right", "recall", "precision"))
     steps = tiny_knobs()["steps"]
     assert calls[0] == (1, steps) and calls[-1] == (steps, steps) and len(calls) == steps
     assert not list(out.parent.glob(".model.tmp-*"))  # the temporary folder is gone
@@ -208,3 +210,68 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(corpus: Path, tmp_pa
     (tmp_path / "half" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="remove it"):
         bootstrap_llm(corpus, tmp_path / "half", **tiny_knobs())
+
+
+def test_fact_sheets_precede_captions_of_their_own_scene(corpus: Path) -> None:
+    """Some captions follow their clip's fact sheet, so the LM learns to write what its context
+    says (the skill stage 2's soft prompt needs); the caption names exactly the listed events."""
+    from slit_lightning.data.synth_text import fact_sheet
+    from slit_lightning.metrics.events import named_event_types, named_events
+
+    events = [
+        {"type": "rumble", "onset": 0.0, "count": None, "role": "background"},
+        {"type": "knocks", "onset": 0.4, "count": 2, "role": "foreground"},
+        {"type": "hum", "onset": 1.5, "count": None, "role": "foreground"},
+    ]
+    assert fact_sheet(events) == "Sounds: two knocks, hum. Background: rumble."
+    docs = generated_documents(200, 0, 0, [], 1.0)
+    faced = [d for d in docs if d.startswith("Sounds: ")]
+    assert 0.2 < len(faced) / len(docs) < 0.6
+    for doc in faced:
+        sheet = re.match(r"Sounds: [^.]*\.( Background: [^.]*\.)? ", doc)
+        assert sheet is not None, doc
+        caption = doc[sheet.end() :]
+        assert set(named_events(caption)) <= set(named_events(sheet.group())), doc
+        assert named_event_types(caption) and set(named_event_types(caption)) == {
+            t for t, _ in named_events(sheet.group())
+        }, doc
+
+
+def test_context_reading_scores_what_follows_the_fact_sheet() -> None:
+    """A stand-in LM that writes its context again scores 1.0: the scoring reads only the new,
+    left-padded tokens."""
+    from slit_lightning.data.synth_text import fact_sheet
+    from slit_lightning.llm_small import context_reading
+
+    class Echo:
+        def eval(self) -> None:
+            pass
+
+        def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object):
+            assert (attention_mask[:, -1] == 1).all()  # left padding: every prompt ends last
+            return torch.cat([input_ids, input_ids], dim=1)
+
+    class Tokenizer:
+        padding_side, eos_token_id, pad_token_id = "right", 1, 0
+
+        def __call__(self, texts, padding, return_tensors):
+            assert self.padding_side == "left"
+            width = max(len(t) for t in texts)
+            ids = [[0] * (width - len(t)) + [ord(c) for c in t] for t in texts]
+            mask = [[0] * (width - len(t)) + [1] * len(t) for t in texts]
+            return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+        def batch_decode(self, rows, skip_special_tokens):
+            return ["".join(chr(i) for i in row.tolist() if i) for row in rows]
+
+    clips = [
+        [{"type": "bell", "onset": 0.1, "count": None, "role": "foreground"}],
+        [
+            {"type": "beeps", "onset": 0.2, "count": 3, "role": "foreground"},
+            {"type": "white noise", "onset": 2.0, "count": None, "role": "foreground"},
+        ],
+    ]
+    tokenizer = Tokenizer()
+    scores = context_reading(Echo(), tokenizer, clips)
+    assert scores["all_right"] == 1.0 and tokenizer.padding_side == "right"
+    assert fact_sheet(clips[1]) == "Sounds: three beeps, white noise."

@@ -218,6 +218,22 @@ def captions(
     return out
 
 
+def fact_sheet(events: list[dict[str, Any]]) -> str:
+    """A terse list of a clip's events, e.g. ``"Sounds: two knocks, hum, chord. Background: rumble."``
+
+    Foreground events in onset order, by canonical label, counted events with their number word;
+    the background bed (if any) after them.
+    """
+    foreground = [e for e in events if e["role"] == "foreground"]
+    named = [
+        e["type"] if e["count"] is None else f"{COUNT_WORDS[e['count']]} {e['type']}"
+        for e in foreground
+    ]
+    text = f"Sounds: {', '.join(named)}."
+    bed = next((e for e in events if e["role"] == "background"), None)
+    return text if bed is None else f"{text} Background: {bed['type']}."
+
+
 def _noun_for_question(label: str) -> str:
     canonical = TRAIN_WORDINGS[label][0]
     if canonical.mass or canonical.many == label != canonical.one:
