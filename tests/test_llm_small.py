@@ -212,7 +212,7 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(corpus: Path, tmp_pa
         bootstrap_llm(corpus, tmp_path / "half", **tiny_knobs())
 
 
-def test_fact_sheets_precede_captions_of_their_own_scene(corpus: Path) -> None:
+def test_fact_sheets_precede_captions_of_their_own_scene() -> None:
     """Some captions follow their clip's fact sheet, so the LM learns to write what its context
     says (the skill stage 2's soft prompt needs); the caption names exactly the listed events."""
     from slit_lightning.data.synth_text import fact_sheet

@@ -85,8 +85,8 @@ _PREFIXED, _LOWERED, _HELDOUT = 0.3, 0.1, 0.25  # shares of captions / documents
 # share of captions behind their clip's fact sheet ("Sounds: two knocks, hum. <caption>"): text
 # whose start says what follows teaches the LM to write what its context says, as a pretrained
 # LLM does and stage 2's soft prompt needs (measured on the default corpus: at 0.3 of captions and
-# 300 steps, captions after a fact sheet were all right for 0.07 of scenes; at 0.6, 0.08 after
-# 300 steps, 0.87 after 600 and 0.85 after 900)
+# 300 steps, 3-beam captions after a fact sheet were all right for 0.07 of scenes; at 0.6, 0.08
+# after 300 steps, 0.87 after 600 and 0.85 after 900)
 _FACTED = 0.6
 _INSTRUCTED = 1  # instruction + answer documents per clip (2 cost stage-2 captions more)
 _LLM_MIX = InstructionMix(dict.fromkeys(("caption", "detailed", "qa", "classify", "tag"), 1.0))
