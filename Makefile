@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint format bench eval-zeroshot tensorboard clean
+.PHONY: help install demo test test-all test-gpu lint format bench eval-zeroshot tensorboard clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ test: $(STAMP) ## run the default test suite (no slow, no gpu tests)
 
 test-all: $(STAMP) ## run every CPU test, slow ones included
 	$(PY) -m pytest -q -m "not gpu"
+
+test-gpu: $(STAMP) ## the checks only a CUDA device runs: bf16 and FSDP presets end to end, sharded checkpoints
+	$(PY) -m pytest -q -m gpu
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check src tests

@@ -9,7 +9,7 @@ from slit_lightning.bench import (
     bench_stage2_step,
     main,
 )
-from slit_lightning.bench.measure import count_flops, matmul_peak, peak_memory
+from slit_lightning.bench.measure import autocast, count_flops, matmul_peak, peak_memory, under
 
 
 def test_reused_and_recomputed_audio_kv_give_the_same_losses():
@@ -21,6 +21,18 @@ def test_reused_and_recomputed_audio_kv_give_the_same_losses():
     assert result["mfu_ours"] > 0 and result["samples_per_s"] == pytest.approx(
         4 / result["ours_s"], rel=0.01
     )
+
+
+def test_timed_steps_run_at_the_asked_precision_and_losses_are_compared_in_float32():
+    import torch
+
+    a = torch.randn(4, 4)
+    assert under("bf16-mixed", lambda: a @ a)().dtype == torch.bfloat16
+    assert under("32-true", lambda: a @ a)().dtype == torch.float32
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        autocast("fp8")
+    result = bench_stage1_kv_reuse("tiny", frames=12, batch_size=4, precision="bf16-mixed")
+    assert result["precision"] == "bf16-mixed" and result["same_losses"], result
 
 
 def test_flop_count_of_a_matmul_and_a_positive_peak():
@@ -51,6 +63,7 @@ def test_bench_writes_json(tmp_path, capsys):
           "--cache_clips", "3", "--cache_seconds", "0.5"])  # fmt: skip
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["device"] and report["results"][0]["name"] == "stage1_step_kv_reuse_T12"
+    assert report["precision"] == "32-true" and report["matmul_peak_dtype"] == "float32"
     assert report["feature_cache"]["clips"] == 3 and report["matmul_peak_tflops"] > 0
     assert report["stage2"][0]["name"] == "stage2_step_T12" and report["qformer"]["same_outputs"]
     assert "InstructBlipQFormerModel" in capsys.readouterr().out

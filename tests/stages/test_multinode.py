@@ -15,7 +15,13 @@ import pytest
 import torch
 
 from slit_lightning.stages import Stage2
-from slit_lightning.strategies import BlockFSDPStrategy, llm_block_classes, wrap_classes
+from slit_lightning.state_check import CheckpointError
+from slit_lightning.strategies import (
+    BlockFSDPStrategy,
+    llm_block_classes,
+    load_sharded_model_state,
+    wrap_classes,
+)
 from tests.data.test_distributed import _free_port
 
 WORKER = Path(__file__).with_name("distributed_fit.py")
@@ -103,6 +109,33 @@ def test_fsdp_units_are_the_frozen_blocks_and_models_never_the_qformer(
     assert trainable and not trainable & {id(p) for u in units for p in u.parameters()}
     with pytest.raises(ValueError, match="from the model"):
         BlockFSDPStrategy(auto_wrap_policy={torch.nn.Linear})
+
+
+def test_sharded_checkpoint_without_the_frozen_parts_loads_its_trainable_weights(tmp_path):
+    """What a sharded checkpoint of a stage holds (the frozen parts left out, as
+    ``on_save_checkpoint`` does), read back by ``BlockFSDPStrategy.load_checkpoint``'s loader
+    (here on an unwrapped module: the distributed checkpoint format needs no process group)."""
+    from torch.distributed.checkpoint import save
+
+    def build() -> torch.nn.Module:  # [0] frozen like the encoder and LLM, [1] trainable
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        model[0].requires_grad_(False)
+        return model
+
+    torch.manual_seed(0)
+    trained = build()
+    stored = {k: v for k, v in trained.state_dict().items() if k.startswith("1.")}
+    save({"model": stored}, checkpoint_id=tmp_path / "ckpt")
+    fresh = build()  # other random weights
+    frozen = fresh[0].weight.detach().clone()
+    loaded = load_sharded_model_state(fresh, tmp_path / "ckpt")
+    assert set(loaded) == {"1.weight", "1.bias"}
+    assert torch.equal(fresh[1].weight, trained[1].weight)
+    assert torch.equal(fresh[1].bias, trained[1].bias)
+    assert torch.equal(fresh[0].weight, frozen)  # the frozen part keeps what it was built with
+    save({"model": {"1.weight": stored["1.weight"]}}, checkpoint_id=tmp_path / "partial")
+    with pytest.raises(CheckpointError, match=r"lacks trainable weights: 1\.bias"):
+        load_sharded_model_state(build(), tmp_path / "partial")
 
 
 @pytest.mark.gpu

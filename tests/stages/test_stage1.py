@@ -85,6 +85,12 @@ def test_checkpoint_refuses_another_encoder(stage1, tmp_path, tiny_bert, tiny_en
     ckpt = {"state_dict": {}, "slit_frozen_references": {"encoder": "some/other-encoder@layer-1"}}
     with pytest.raises(ValueError, match="trained on encoder 'some/other-encoder@layer-1'"):
         stage1.on_load_checkpoint(ckpt)
+    # a sharded checkpoint's metadata has no state_dict (the strategy loads the weights): the
+    # identity is still checked, and a matching one passes
+    del ckpt["state_dict"]
+    with pytest.raises(ValueError, match="trained on encoder"):
+        stage1.on_load_checkpoint(ckpt)
+    stage1.on_load_checkpoint({"slit_frozen_references": {"encoder": stage1.encoder.identity}})
 
 
 def test_rerank_lifts_matched_pairs_inside_top_k_only(stage1, monkeypatch):

@@ -158,3 +158,24 @@ def test_reads_the_encoder_reference_of_older_checkpoints(stage2):
     checkpoint = {"state_dict": {}, "slit_encoder_reference": "another-encoder"}
     with pytest.raises(ValueError, match="trained on encoder 'another-encoder'"):
         stage2.on_load_checkpoint(checkpoint)
+
+
+def test_java_is_required_where_captions_are_scored_only(stage2, monkeypatch, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from slit_lightning.metrics import captioning
+    from tests.stages.distributed_fit import global_batches
+
+    monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
+    # a fit with train data only scores nothing: it trains without java
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(stage2, DataLoader(global_batches(1, 2), batch_size=None))
+    assert trainer.global_step == 1
+    stage2.trainer = pl.Trainer(limit_val_batches=0, logger=False)
+    stage2.setup("fit")  # validation switched off
+    stage2.setup("predict")  # generates only
+    for limit, stage in ((1.0, "fit"), (0, "test"), (0, "validate")):
+        stage2.trainer = pl.Trainer(limit_val_batches=limit, logger=False)
+        with pytest.raises(RuntimeError, match="`java` was not found on PATH"):
+            stage2.setup(stage)

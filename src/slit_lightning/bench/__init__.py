@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from slit_lightning.bench.cache import bench_feature_cache
-from slit_lightning.bench.measure import device_name, matmul_peak
+from slit_lightning.bench.measure import (
+    PRECISIONS,
+    default_precision,
+    device_name,
+    matmul_peak,
+    peak_dtype,
+)
 from slit_lightning.bench.qformer import bench_qformer_vs_instructblip
 from slit_lightning.bench.stage1 import PRESETS, bench_stage1_kv_reuse
 from slit_lightning.bench.stage2 import bench_stage2_step
@@ -40,29 +46,33 @@ __all__ = [
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every benchmark of the preset; the matmul peak first, so MFU uses this run's own."""
-    peak = matmul_peak()
+    """Every benchmark of the preset; the matmul peak first (in the precision's dtype), so MFU
+    uses this run's own."""
+    precision = args.precision or default_precision()
+    peak = matmul_peak(dtype=peak_dtype(precision))
+    timed = {"peak_flops": peak, "steps": args.steps, "precision": precision}
     return {
         "device": device_name(),
         "torch": torch.__version__,
         "preset": args.preset,
+        "precision": precision,
         "matmul_peak_tflops": round(peak / 1e12, 4),
-        "results": [
-            bench_stage1_kv_reuse(args.preset, t, peak_flops=peak, steps=args.steps)
-            for t in args.frames
-        ],
-        "stage2": [
-            bench_stage2_step(args.preset, t, peak_flops=peak, steps=args.steps)
-            for t in args.frames[:1]
-        ],
-        "qformer": bench_qformer_vs_instructblip(args.preset, frames=args.frames[0]),
+        "matmul_peak_dtype": str(peak_dtype(precision)).removeprefix("torch."),
+        "results": [bench_stage1_kv_reuse(args.preset, t, **timed) for t in args.frames],
+        "stage2": [bench_stage2_step(args.preset, t, **timed) for t in args.frames[:1]],
+        "qformer": bench_qformer_vs_instructblip(
+            args.preset, frames=args.frames[0], precision=precision
+        ),
         "feature_cache": bench_feature_cache(args.preset, args.cache_clips, args.cache_seconds),
     }
 
 
 def table(report: dict[str, Any]) -> str:
     """The short table `make bench` prints."""
-    lines = [f"device: {report['device']}  matmul peak {report['matmul_peak_tflops']} TFLOP/s"]
+    lines = [
+        f"device: {report['device']}  precision {report['precision']}  matmul peak"
+        f" {report['matmul_peak_tflops']} TFLOP/s ({report['matmul_peak_dtype']})"
+    ]
     lines.append(f"{'stage-1 step':<28} {'ours s':>8} {'BLIP-2 s':>9} {'speedup':>8} "
                  f"{'same losses':>12} {'samples/s':>10} {'MFU':>6} {'peak MiB':>9}")  # fmt: skip
     for r in report["results"]:
@@ -98,6 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--frames", type=int, nargs="+", default=[250, 1500])
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: preset's)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="of the timed steps (default: bf16-mixed on a GPU, 32-true on CPU); losses are"
+        " compared in float32 either way",
+    )
     parser.add_argument("--cache_clips", type=int, default=16, help="clips for the cache bench")
     parser.add_argument("--cache_seconds", type=float, default=10.0, help="their length")
     args = parser.parse_args(argv)

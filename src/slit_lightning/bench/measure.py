@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -49,6 +50,40 @@ def interleaved(works: list[Callable[[], object]], repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+PRECISIONS = ("32-true", "bf16-mixed")
+
+
+def default_precision() -> str:
+    """What a run on this device would train in: ``bf16-mixed`` on a GPU, ``32-true`` on CPU
+    (the CPU presets' published numbers are float32)."""
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Lightning's ``precision`` as a context: ``bf16-mixed`` is bf16 autocast around forward
+    and backward with float32 weights and optimiser state, as the Trainer runs it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "32-true":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+
+
+def under(precision: str, work: Callable[[], object]) -> Callable[[], object]:
+    """``work`` run inside :func:`autocast` (for timing a step at a precision)."""
+
+    def run() -> object:
+        with autocast(precision):
+            return work()
+
+    return run
+
+
+def peak_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype a precision's model FLOPs run in: MFU is measured against its peak."""
+    return torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+
+
 def count_flops(work: Callable[[], object]) -> int:
     """Floating-point operations of one call, as torch's FLOP counter sees them (matmuls,
     convolutions and attention; element-wise work is not counted, as usual for MFU)."""
@@ -57,13 +92,16 @@ def count_flops(work: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_peak(size: int = 3072, repeats: int = 8, dtype: torch.dtype | None = None) -> float:
-    """FLOP/s of the fastest of ``repeats`` large square matmuls on this device in ``dtype``
-    (float32 on CPU, bfloat16 on GPU by default): the practical peak that model FLOPs
-    utilisation is measured against (the fastest, so a noisy neighbour cannot lower it)."""
-    cuda = torch.cuda.is_available()
-    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
-    device = "cuda" if cuda else "cpu"
+def matmul_peak(
+    size: int | None = None, repeats: int = 8, dtype: torch.dtype = torch.float32
+) -> float:
+    """FLOP/s of the fastest of ``repeats`` large square matmuls on this device in ``dtype``:
+    the practical peak that model FLOPs utilisation is measured against (the fastest, so a
+    noisy neighbour cannot lower it). Pass the dtype the model's products run in
+    (:func:`peak_dtype`). ``size`` defaults to 3072 on CPU (a fraction of a second) and 8192 on
+    a GPU (smaller products leave a GPU partly idle)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = size or (8192 if device == "cuda" else 3072)
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     seconds(lambda: a @ b)  # warm-up

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from slit_lightning.bench.measure import interleaved
+from slit_lightning.bench.measure import interleaved, under
 from slit_lightning.bench.stage1 import PRESETS
 from slit_lightning.qformer import QFormer, QFormerConfig
 
@@ -38,9 +38,15 @@ def _pair(preset: str, num_queries: int) -> tuple[QFormer, Any, torch.nn.Paramet
 
 
 def bench_qformer_vs_instructblip(
-    preset: str, frames: int = 250, batch_size: int = 8, text_len: int = 32, num_queries: int = 32
+    preset: str,
+    frames: int = 250,
+    batch_size: int = 8,
+    text_len: int = 32,
+    num_queries: int = 32,
+    precision: str = "32-true",
 ) -> dict[str, Any]:
-    """Seconds of forward + backward of each, interleaved; the ratio; the output difference."""
+    """Seconds of forward + backward of each at ``precision``, interleaved; the ratio; the
+    output difference (in float32)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ours, reference, query_tokens = _pair(preset, num_queries)
     ours, reference = ours.to(device).train(), reference.to(device).train()
@@ -76,10 +82,12 @@ def bench_qformer_vs_instructblip(
 
         return forward_backward
 
-    ours_s, ref_s = interleaved([step(run_ours, ours), step(run_reference, reference)], 3)
+    works = [step(run_ours, ours), step(run_reference, reference)]
+    ours_s, ref_s = interleaved([under(precision, work) for work in works], 3)
     return {
         "name": f"qformer_vs_instructblip_T{frames}",
         "preset": preset,
+        "precision": precision,
         "batch": batch_size,
         "frames": frames,
         "text_tokens": text_len,

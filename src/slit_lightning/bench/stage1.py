@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from slit_lightning.bench.measure import count_flops, interleaved, peak_memory
+from slit_lightning.bench.measure import autocast, count_flops, interleaved, peak_memory, under
 from slit_lightning.losses import generation_loss, labels_from_ids
 from slit_lightning.stages import Stage1
 from slit_lightning.stages.base import fused_adamw_supported
@@ -126,8 +126,11 @@ def bench_stage1_kv_reuse(
     batch_size: int = 8,
     peak_flops: float | None = None,
     steps: int | None = None,
+    precision: str = "32-true",
 ) -> dict[str, Any]:
-    """Ours vs BLIP-2-style stage-1 step at ``frames`` audio frames; throughput, memory, MFU."""
+    """Ours vs BLIP-2-style stage-1 step at ``frames`` audio frames; throughput, memory, MFU.
+
+    The losses are compared in float32; the timed steps run at ``precision``."""
     sizes = PRESETS[preset]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -148,13 +151,15 @@ def bench_stage1_kv_reuse(
         losses.append([record[f"train/loss_{k}"] for k in ("atc", "atm", "atg")])
     flops = [forward_backward_flops(m, batch) for m in models]
     (step, optimizer), (ref_step, _) = [training_step(m, batch) for m in models]
-    ours_s, ref_s = interleaved([step, ref_step], steps or sizes["steps"])
-    with peak_memory(ours, optimizer) as memory:
+    works = [under(precision, step), under(precision, ref_step)]
+    ours_s, ref_s = interleaved(works, steps or sizes["steps"])
+    with peak_memory(ours, optimizer) as memory, autocast(precision):
         step()
     same = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(*losses, strict=True))
     result = {
         "name": f"stage1_step_kv_reuse_T{frames}",
         "preset": preset,
+        "precision": precision,
         "batch": batch_size,
         "frames": frames,
         "ours_s": round(ours_s, 4),

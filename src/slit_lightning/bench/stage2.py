@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from slit_lightning.bench.measure import interleaved, peak_memory
+from slit_lightning.bench.measure import autocast, interleaved, peak_memory, under
 from slit_lightning.bench.stage1 import (
     PRESETS,
     feature_batch,
@@ -60,8 +60,10 @@ def bench_stage2_step(
     batch_size: int = 8,
     peak_flops: float | None = None,
     steps: int | None = None,
+    precision: str = "32-true",
 ) -> dict[str, Any]:
-    """Median seconds of a stage-2 step (forward + backward through the frozen LLM + AdamW)."""
+    """Median seconds of a stage-2 step (forward + backward through the frozen LLM + AdamW)
+    at ``precision``."""
     sizes = PRESETS[preset]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -81,13 +83,14 @@ def bench_stage2_step(
     ]
     step, optimizer = training_step(model, batch)
     flops = forward_backward_flops(model, batch)
-    (step_s,) = interleaved([step], steps or sizes["steps"])
-    with peak_memory(model, optimizer) as memory:
+    (step_s,) = interleaved([under(precision, step)], steps or sizes["steps"])
+    with peak_memory(model, optimizer) as memory, autocast(precision):
         step()
     targets = model.llm.tokenizer(batch["caption"])["input_ids"]
     result = {
         "name": f"stage2_step_T{frames}",
         "preset": preset,
+        "precision": precision,
         "llm": "OPT-125m-shaped (12 x 768)" if preset != "tiny" else "OPT-shaped (2 x 64)",
         "batch": batch_size,
         "frames": frames,

@@ -280,13 +280,16 @@ class SLITStage(LightningModule):
                 " model.init_from to the checkpoint instead of passing it as ckpt_path"
             )
         saved = frozen_references(checkpoint)
-        state = checkpoint["state_dict"]
         for name, (identity, _) in self.frozen_parts().items():
             if name in saved and saved[name] != identity:
                 raise CheckpointError(
                     f"this checkpoint was trained on {name} {saved[name]!r} but the model was built"
                     f" with {identity!r}; set model.{name} to the checkpoint's {name}"
                 )
+        state = checkpoint.get("state_dict")
+        if state is None:  # a sharded checkpoint's metadata: the strategy loads the weights
+            return
+        for name in self.frozen_parts():
             if not any(k.startswith(f"{name}.") for k in state):
                 # saved by reference: the part just loaded from its folder is the one it names
                 module = getattr(self, name)

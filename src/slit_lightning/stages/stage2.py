@@ -104,9 +104,17 @@ class Stage2(SLITStage):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         # scoring captions needs java: fail before training, not at the first validation's end
-        # (`predict` only generates, so it does not need it)
-        if stage in ("fit", "validate", "test"):
+        # (`predict` only generates, and a fit that never validates scores nothing)
+        if stage in ("validate", "test") or (stage == "fit" and self._fit_validates()):
             require_java()
+
+    def _fit_validates(self) -> bool:
+        """Whether this fit will run validation: it has val data and batches to take from it."""
+        trainer = self.trainer
+        loop = getattr(trainer.fit_loop.epoch_loop, "val_loop", None)
+        source = getattr(loop, "_data_source", None)  # Lightning's; absent: assume it validates
+        has_data = source.is_defined() if source is not None else True
+        return has_data and trainer.limit_val_batches != 0
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
