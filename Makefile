@@ -76,8 +76,8 @@ format: $(STAMP) ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix src tests
 	$(VENV)/bin/ruff format src tests
 
-bench: $(STAMP) ## measured ratios side by side (JSON in runs/bench/); PRESET=realistic for real shapes, STEPS=n
-	$(PY) -m slit_lightning.bench --out $(RUNS)/bench/bench.json --preset $(or $(PRESET),small) $(if $(STEPS),--steps $(STEPS))
+bench: $(STAMP) ## measured ratios side by side (JSON in runs/bench/); PRESET=realistic for real shapes, STEPS=n, PRECISION=32-true|bf16-mixed
+	$(PY) -m slit_lightning.bench --out $(RUNS)/bench/bench.json --preset $(or $(PRESET),small) $(if $(STEPS),--steps $(STEPS)) $(if $(PRECISION),--precision $(PRECISION))
 
 tensorboard: $(STAMP) ## open the demo's TensorBoard logs
 	$(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/logs
