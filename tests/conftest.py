@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +37,31 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def write_tone_clips(
+    folder: Path,
+    clips: int,
+    seconds: float,
+    text: Callable[[int], dict],
+    suffix: str = ".flac",
+    hz: tuple[float, float] = (300.0, 10.0),
+) -> Path:
+    """``clips`` tones ``c{i}`` (``hz[0] + i * hz[1]`` Hz) and their manifest
+    ``folder / "clips.jsonl"``, whose rows carry ``text(i)`` (``{"caption": ...}`` or
+    ``{"captions": [...]}``); returns the manifest."""
+    rows = []
+    for i in range(clips):
+        write_tone(folder / f"c{i}{suffix}", hz[0] + hz[1] * i, seconds)
+        rows.append({"id": f"c{i}", "audio": f"c{i}{suffix}", **text(i)})
+    return write_manifest(folder / "clips.jsonl", rows)
+
+
 def write_tone_shards(folder: Path, clips: int, seconds: float, per_shard: int = 4) -> Path:
     """``clips`` flac tones ``c{i}`` with a manifest, packed into tar shards; returns the shard
     folder ``folder / "sh"`` (``shard-000000.tar``, ...)."""
     from slit_lightning.data.shards import write_shards
 
-    rows = []
-    for i in range(clips):
-        write_tone(folder / f"c{i}.flac", 300 + 10 * i, seconds)
-        rows.append({"id": f"c{i}", "audio": f"c{i}.flac", "caption": f"clip {i}"})
-    write_manifest(folder / "m.jsonl", rows)
-    write_shards(str(folder / "m.jsonl"), folder / "sh", per_shard=per_shard)
+    manifest = write_tone_clips(folder, clips, seconds, lambda i: {"caption": f"clip {i}"})
+    write_shards(str(manifest), folder / "sh", per_shard=per_shard)
     return folder / "sh"
 
 

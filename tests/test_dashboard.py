@@ -31,7 +31,7 @@ from slit_lightning.dashboard import (
 from slit_lightning.data.datamodule import AudioTextDataModule
 from slit_lightning.llm import Generation
 from slit_lightning.stages import Stage1, Stage2
-from tests.conftest import write_manifest, write_tone
+from tests.conftest import write_tone_clips
 
 QFORMER = {"num_queries": 4, "cross_attention_freq": 2}
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -40,12 +40,10 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
     """Eight half-second clips with two captions each."""
-    folder = tmp_path_factory.mktemp("clips")
-    rows = []
-    for i in range(8):
-        write_tone(folder / f"c{i}.wav", 200 + 60 * i, 0.5)
-        rows.append({"id": f"c{i}", "audio": f"c{i}.wav", "captions": [f"tone {i}", f"a tone {i}"]})
-    return write_manifest(folder / "clips.jsonl", rows)
+    return write_tone_clips(
+        tmp_path_factory.mktemp("clips"), 8, 0.5,
+        lambda i: {"captions": [f"tone {i}", f"a tone {i}"]}, suffix=".wav", hz=(200.0, 60.0),
+    )  # fmt: skip
 
 
 def _fit(model, clips: Path, log_dir: Path, name: str, **trainer_args) -> Path:

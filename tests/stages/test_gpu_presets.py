@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.conftest import write_manifest, write_tone
+from tests.conftest import write_tone, write_tone_clips
 from tests.stages.distributed_fit import fsdp_facts
 
 pytestmark = pytest.mark.gpu
@@ -58,12 +58,10 @@ class LossLog(pl.Callback):
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
     """Sixteen half-second tones with captions, and their manifest."""
-    folder = tmp_path_factory.mktemp("clips")
-    rows = []
-    for i in range(16):
-        write_tone(folder / f"c{i}.flac", 300 + 40 * i, 0.5)
-        rows.append({"id": f"c{i}", "audio": f"c{i}.flac", "caption": f"a tone number {i % 4}"})
-    return write_manifest(folder / "train.jsonl", rows)
+    return write_tone_clips(
+        tmp_path_factory.mktemp("clips"), 16, 0.5,
+        lambda i: {"caption": f"a tone number {i % 4}"}, hz=(300.0, 40.0),
+    )  # fmt: skip
 
 
 def _config(folder: Path, models: dict[str, Path], manifest: Path) -> Path:

@@ -111,6 +111,7 @@ def test_fsdp_units_are_the_frozen_blocks_and_models_never_the_qformer(
         BlockFSDPStrategy(auto_wrap_policy={torch.nn.Linear})
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_sharded_checkpoint_without_the_frozen_parts_loads_its_trainable_weights(tmp_path):
     """What a sharded checkpoint of a stage holds (the frozen parts left out, as
     ``on_save_checkpoint`` does), read back by ``BlockFSDPStrategy.load_checkpoint``'s loader
