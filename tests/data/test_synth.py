@@ -96,6 +96,22 @@ def test_returns_counts_and_reports_progress(tmp_path: Path) -> None:
     assert calls == [(i, 5) for i in range(1, 6)]
 
 
+def test_a_larger_train_split_starts_with_the_smaller_ones_clips(tmp_path: Path) -> None:
+    args = {"clips": 8, "clip_seconds": 1.0}
+    synthesize_corpus(tmp_path / "a", seed=2, **args)
+    counts = synthesize_corpus(tmp_path / "b", seed=2, train_clips=9, **args)
+    assert counts == {"train": 9, "val": 1, "test": 1, "zeroshot": 1}
+    a, b = all_files(tmp_path / "a"), all_files(tmp_path / "b")
+    small = a["train.jsonl"].decode().splitlines()
+    assert len(small) == 5 and b["train.jsonl"].decode().splitlines()[:5] == small
+    for name in a:  # the same clips, the same other splits; only the metadata's sizes differ
+        if name != "corpus.json" and name != "train.jsonl":
+            assert a[name] == b[name], name
+    assert len([n for n in b if n.startswith("audio/train/")]) == 9
+    with pytest.raises(ValueError, match="train_clips must be a positive integer"):
+        synthesize_corpus(tmp_path / "c", train_clips=0, **args)
+
+
 @given(st.integers(min_value=4, max_value=10**6))
 def test_split_sizes_cover_every_clip(clips: int) -> None:
     sizes = split_sizes(clips)

@@ -63,10 +63,12 @@ class _Settings:
     audio_format: str
 
 
-def split_sizes(clips: int) -> dict[str, int]:
-    """Clips per split: 10 % (at least one) each for val, test and zeroshot, the rest train."""
+def split_sizes(clips: int, train_clips: int | None = None) -> dict[str, int]:
+    """Clips per split: 10 % (at least one) each for val, test and zeroshot, the rest train;
+    ``train_clips``, when given, replaces the train split's share (the others keep theirs)."""
     small = max(1, (clips + 5) // 10)  # 10 %, rounded half up
-    return {"train": clips - 3 * small, "val": small, "test": small, "zeroshot": small}
+    train = clips - 3 * small if train_clips is None else train_clips
+    return {"train": train, "val": small, "test": small, "zeroshot": small}
 
 
 def heldout_pairs(seed: int) -> list[tuple[str, str]]:
@@ -114,6 +116,7 @@ def synthesize_corpus(
     clip_seconds: float = 5.0,
     audio_format: str = "flac",
     progress: Callable[[int, int], None] | None = None,
+    train_clips: int | None = None,
 ) -> dict[str, int]:
     """Write the built-in audio-caption corpus into ``out_dir``.
 
@@ -125,13 +128,25 @@ def synthesize_corpus(
         clip_seconds: length of every clip, in seconds.
         audio_format: "flac" or "wav" (both PCM_16).
         progress: called as ``progress(done, total)`` after each clip.
+        train_clips: clips in the train split instead of its 70 % of ``clips`` (val, test and
+            zeroshot keep their 10 % of ``clips``). Every clip is a function of the seed, its
+            split and its index, so a larger train split holds the smaller one's clips first, and
+            the other splits are the same clips whatever the train split's size.
 
     Returns:
         ``{split: number of clips written}``.
     """
     _check_args(seed, clips, sample_rate, clip_seconds, audio_format)
+    if train_clips is not None and (
+        isinstance(train_clips, bool)
+        or not isinstance(train_clips, (int, np.integer))
+        or train_clips < 1
+    ):
+        raise ValueError(f"train_clips must be a positive integer or None; got {train_clips!r}")
     settings = _Settings(int(seed), int(sample_rate), float(clip_seconds), audio_format)
-    out, sizes, pairs = Path(out_dir), split_sizes(int(clips)), heldout_pairs(int(seed))
+    out, pairs = Path(out_dir), heldout_pairs(int(seed))
+    sizes = split_sizes(int(clips), None if train_clips is None else int(train_clips))
+    total = sum(sizes.values())
     done = 0
     for split, size in sizes.items():
         (out / "audio" / split).mkdir(parents=True, exist_ok=True)
@@ -140,7 +155,7 @@ def synthesize_corpus(
             rows.append(_make_clip(out, split, index, settings, pairs))
             done += 1
             if progress is not None:
-                progress(done, clips)
+                progress(done, total)
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         _atomic_write(
             out / f"{split}.jsonl", lambda tmp, t=text: tmp.write_text(t, encoding="utf-8")
