@@ -147,6 +147,8 @@ def test_bf16_fsdp_trains_like_one_gpu_and_its_sharded_checkpoints_resume_and_co
     )  # fmt: skip
     resumed = json.loads((tmp_path / "fsdp" / "record.json").read_text())
     assert resumed["global_step"] == STEPS + 4 and len(resumed["losses"]) == 4, more.stderr[-2000:]
+    # it went on from the trained weights (a fresh start is back near the first loss, ~7.0)
+    assert resumed["losses"][0] < fsdp["losses"][0] - 0.5, (resumed["losses"], fsdp["losses"])
 
     subprocess.run(
         [sys.executable, "-m", "lightning.pytorch.utilities.consolidate_checkpoint", str(last)],
