@@ -334,7 +334,11 @@ def evaluate(model: Any, tokenizer: Any, docs: list[str], batch_size: int = 64) 
 
 @torch.no_grad()
 def context_reading(
-    model: Any, tokenizer: Any, clips: Sequence[list[dict[str, Any]]], max_new_tokens: int = 48
+    model: Any,
+    tokenizer: Any,
+    clips: Sequence[list[dict[str, Any]]],
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
 ) -> dict[str, float]:
     """How well the LM writes what its context says: greedy captions after each clip's fact
     sheet (:func:`~slit_lightning.data.synth_text.fact_sheet`), scored with
@@ -350,8 +354,8 @@ def context_reading(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         captions = []
-        for i in range(0, len(clips), 64):
-            sheets = [synth_text.fact_sheet(events) for events in clips[i : i + 64]]
+        for i in range(0, len(clips), batch_size):
+            sheets = [synth_text.fact_sheet(events) for events in clips[i : i + batch_size]]
             enc = tokenizer(sheets, padding=True, return_tensors="pt")
             out = model.generate(
                 **enc,
