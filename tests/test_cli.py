@@ -3,6 +3,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -222,3 +223,33 @@ def test_built_in_chain_synth_bootstrap_stage1_stage2_caption(tmp_path, tiny_ber
     for task in ("retrieval", "classify_contrastive", "caption", "qa", "classify", "tag", "choose"):
         assert f"\n{task} " in table, task
     assert len(list((tmp_path / "eval").glob("*/eval.json"))) == 3
+
+
+def test_decoding_comes_from_the_command_line_not_from_the_checkpoint(tmp_path, monkeypatch):
+    """Given --ckpt_path, LightningCLI replaces the model's arguments with the checkpoint's
+    hyper-parameters; how to decode stays the caller's choice, the architecture the checkpoint's."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from slit_lightning.cli import lightning_cli
+
+    stored = {"num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 7}
+    hparams = {"_class_path": "slit_lightning.stages.Stage2", "encoder": "stored-encoder",
+               "llm": "stored-llm", "windows": 2, "generation": stored}  # fmt: skip
+    ckpt = tmp_path / "stage2.ckpt"
+    torch.save({"hyper_parameters": hparams}, ckpt)
+
+    class Parsed(Exception):
+        pass
+
+    def stop(cli: LightningCLI) -> None:  # after parsing, before anything is built
+        raise Parsed(cli.config)
+
+    monkeypatch.setattr(LightningCLI, "before_instantiate_classes", stop)
+    config = str(REPO / "conf" / "stage2.yaml")
+    argv = ["test", "--config", config, "--ckpt_path", str(ckpt)]
+    with pytest.raises(Parsed) as parsed:
+        lightning_cli([*argv, "--model.generation.num_beams", "5"])
+    args = parsed.value.args[0]["test"]["model"]["init_args"]
+    assert args["generation"]["num_beams"] == 5  # the command line
+    assert args["generation"]["repetition_penalty"] == 1.2  # the YAML, not the checkpoint's 1.0
+    assert args["windows"] == 2 and args["encoder"] == "stored-encoder"  # the checkpoint's

@@ -48,7 +48,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> Any:
     import slit_lightning.stages  # noqa: F401  (lets `--model Stage1` name the stage classes)
     from slit_lightning.data.datamodule import AudioTextDataModule
 
-    class SlitCLI(_CrashSafeCheckpoints, LightningCLI):
+    class SlitCLI(_DecodingFromConfig, _CrashSafeCheckpoints, LightningCLI):
         pass
 
     register_resolvers()
@@ -76,6 +76,26 @@ class _CrashSafeCheckpoints:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+class _DecodingFromConfig:
+    """Mixin for LightningCLI: ``model.generation`` comes from the configuration and command line,
+    never from the checkpoint.
+
+    Given ``--ckpt_path``, LightningCLI replaces the model's arguments with the hyper-parameters
+    stored in the checkpoint, so ``slit test --ckpt_path X --model.generation.num_beams 5`` would
+    silently decode as in training. The weights' shapes must come from the checkpoint, but how to
+    decode is a choice made at evaluation time.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        command = self.config.get("subcommand")  # type: ignore[attr-defined]
+        model = self.config[command].get("model") if command else None  # type: ignore[attr-defined]
+        args = model.get("init_args") if model is not None and "init_args" in model else None
+        wanted = args.get("generation") if args is not None else None
+        super()._parse_ckpt_path()  # type: ignore[misc]
+        if wanted is not None:
+            self.config[command]["model"]["init_args"]["generation"] = wanted  # type: ignore[attr-defined]
 
 
 def register_resolvers() -> None:
