@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from slit_lightning.bench import (
     bench_feature_cache,
@@ -9,7 +10,14 @@ from slit_lightning.bench import (
     bench_stage2_step,
     main,
 )
-from slit_lightning.bench.measure import autocast, count_flops, matmul_peak, peak_memory, under
+from slit_lightning.bench.measure import (
+    PRECISIONS,
+    autocast,
+    count_flops,
+    matmul_peak,
+    peak_memory,
+    under,
+)
 
 
 def test_reused_and_recomputed_audio_kv_give_the_same_losses():
@@ -67,6 +75,30 @@ def test_bench_writes_json(tmp_path, capsys):
     assert report["feature_cache"]["clips"] == 3 and report["matmul_peak_tflops"] > 0
     assert report["stage2"][0]["name"] == "stage2_step_T12" and report["qformer"]["same_outputs"]
     assert "InstructBlipQFormerModel" in capsys.readouterr().out
+    kernels = report["cpu_attention"]  # a CPU run times the Q-Former's attention kernels
+    assert kernels["name"] == "cpu_attention_kernel_stage1" and kernels["shape"]["frames"] == 12
+    assert all(kernels[p]["math_s"] > 0 and kernels[p]["speedup"] > 0 for p in PRECISIONS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("math", [True, False])
+def test_cpu_attention_runs_the_kernel_chosen_with_the_same_result(monkeypatch, math, dtype):
+    from torch.profiler import profile
+
+    from slit_lightning import qformer_layers
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 8, dtype=dtype) for n in (10, 30, 30))
+    mask = torch.rand(2, 1, 10, 30) > 0.3
+    mask[..., 0] = True  # every row sees something
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask)
+    monkeypatch.setattr(qformer_layers, "CPU_MATH_ATTENTION", math)
+    with profile() as ran:
+        out = qformer_layers._sdpa(q, k, v, mask, 0.0)
+    fused = any("flash_attention" in e.name for e in ran.events())
+    assert fused is not (math and dtype == torch.bfloat16)  # the math kernel for bf16 alone
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(out.float(), expected.float(), atol=tolerance)
 
 
 def test_feature_cache_bench_times_both_input_paths():

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if TYPE_CHECKING:
     from slit_lightning.qformer import QFormerConfig
@@ -28,6 +29,10 @@ __all__ = [
 ]
 
 Activation = Literal["gelu", "gelu_tanh", "relu"]
+
+CPU_MATH_ATTENTION = True
+"""Run the Q-Former's bf16 attention on PyTorch's math kernel on a CPU (see `_sdpa`); False leaves
+the choice to PyTorch (``make bench`` times both)."""
 
 
 @dataclass
@@ -138,6 +143,19 @@ class StackedAudioKV:
         )
 
 
+def _sdpa(
+    queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, dropout: float
+) -> Tensor:
+    """Scaled dot-product attention. In bf16 on a CPU it runs PyTorch's math kernel: for the
+    Q-Former's short, masked sequences PyTorch's own pick, the fused flash kernel, was slower
+    there, its backward most of all (the demo's stage-1 step 1.23x; in float32 the two are even,
+    0.97x, so float32 keeps PyTorch's pick). ``make bench`` times both."""
+    if CPU_MATH_ATTENTION and queries.device.type == "cpu" and queries.dtype == torch.bfloat16:
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(queries, keys, values, mask, dropout)
+    return F.scaled_dot_product_attention(queries, keys, values, mask, dropout)
+
+
 def _activation(name: Activation, x: Tensor) -> Tensor:
     if name == "relu":
         return F.relu(x)
@@ -172,13 +190,8 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x (B, S, H) attends to itself, or to precomputed `kv`; mask (B|1, 1, S, S_kv) bool."""
         keys, values = self.keys_values(x) if kv is None else kv
-        context = F.scaled_dot_product_attention(
-            self.split_heads(self.query(x)),
-            keys,
-            values,
-            attn_mask=mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-        )
+        dropout = self.attention_dropout if self.training else 0.0
+        context = _sdpa(self.split_heads(self.query(x)), keys, values, mask, dropout)
         return self.norm(x + self.dropout(self.out(context.transpose(1, 2).flatten(2))))
 
     def attention_weights(

@@ -8,7 +8,9 @@
 - stage-2 step with a 125M-class LLM: samples/s, peak memory, MFU (`bench.stage2`);
 - our Q-Former against transformers' ``InstructBlipQFormerModel``, forward + backward on
   [queries; text] with the same weights (`bench.qformer`);
-- the feature cache on against off, and the data pipeline's clips/s (`bench.cache`).
+- the feature cache on against off, and the data pipeline's clips/s (`bench.cache`);
+- on a CPU: the demo's stage-1 step with the Q-Former's attention on PyTorch's math kernel
+  against the kernel PyTorch picks, at both precisions (`bench.stage1.bench_cpu_attention_kernel`).
 
 The ``realistic`` preset is the shape of a real run (Q-Former 12 x 768, 32 queries, audio width
 768 at T = 250 and T = 1500, text 32 tokens, batch 8); ``small`` (4 x 256) keeps a CPU run to
@@ -33,10 +35,11 @@ from slit_lightning.bench.measure import (
     peak_dtype,
 )
 from slit_lightning.bench.qformer import bench_qformer_vs_instructblip
-from slit_lightning.bench.stage1 import PRESETS, bench_stage1_kv_reuse
+from slit_lightning.bench.stage1 import PRESETS, bench_cpu_attention_kernel, bench_stage1_kv_reuse
 from slit_lightning.bench.stage2 import bench_stage2_step
 
 __all__ = [
+    "bench_cpu_attention_kernel",
     "bench_feature_cache",
     "bench_qformer_vs_instructblip",
     "bench_stage1_kv_reuse",
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     precision = args.precision or default_precision()
     peak = matmul_peak(dtype=peak_dtype(precision))
     timed = {"peak_flops": peak, "steps": args.steps, "precision": precision}
-    return {
+    report = {
         "device": device_name(),
         "torch": torch.__version__,
         "preset": args.preset,
@@ -65,6 +68,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "feature_cache": bench_feature_cache(args.preset, args.cache_clips, args.cache_seconds),
     }
+    if not torch.cuda.is_available():  # the choice only concerns CPU runs
+        shape = {"layers": 2, "width": 32, "heads": 4, "audio_width": 64, "frames": 12,
+                 "batch_size": 4} if args.preset == "tiny" else None  # fmt: skip
+        report["cpu_attention"] = bench_cpu_attention_kernel(shape, steps=args.steps)
+    return report
 
 
 def table(report: dict[str, Any]) -> str:
@@ -99,6 +107,17 @@ def table(report: dict[str, Any]) -> str:
         f" cached, {c['speedup']:.1f}x; data pipeline alone"
         f" {c['data_pipeline_clips_per_s']:.1f} clips/s"
     )
+    a = report.get("cpu_attention")
+    if a:
+        lines.append(
+            "demo-shaped stage-1 step on CPU, Q-Former attention on the math kernel vs PyTorch's"
+            " pick: "
+            + ", ".join(
+                f"{p} {a[p]['math_s']:.3f} s vs {a[p]['pytorch_choice_s']:.3f} s"
+                f" ({a[p]['speedup']:.2f}x)"
+                for p in ("32-true", "bf16-mixed")
+            )
+        )
     return "\n".join(lines)
 
 

@@ -178,3 +178,56 @@ def bench_stage1_kv_reuse(
         result["mfu_ours"] = round(flops[0] / ours_s / peak_flops, 3)
         result["mfu_blip2_style"] = round(flops[1] / ref_s / peak_flops, 3)
     return result
+
+
+DEMO_STAGE1 = {"layers": 3, "width": 384, "heads": 12, "audio_width": 256, "frames": 125,
+               "num_queries": 8, "cross_attention_freq": 1, "batch_size": 32, "steps": 5}  # fmt: skip
+"""The shape of the demo's stage 1 (``conf/stage1.yaml``: MiniLM's first 3 layers, 8 queries,
+the built-in encoder's 125 frames of 5 s, batch 32)."""
+
+
+def bench_cpu_attention_kernel(
+    shape: dict[str, int] | None = None, steps: int | None = None
+) -> dict[str, Any]:
+    """A stage-1 step on the CPU, the Q-Former's attention on PyTorch's math kernel (what
+    ``qformer_layers.CPU_MATH_ATTENTION`` chooses) against the kernel PyTorch picks itself, at
+    both precisions; the same weights and batch, timed in turn. ``shape``: sizes as
+    :data:`DEMO_STAGE1` (the default)."""
+    from slit_lightning import qformer_layers
+
+    shape = {**DEMO_STAGE1, **(shape or {})}
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_models(Path(tmp), shape, audio_width=shape["audio_width"])
+        model = FeatureStage1(
+            str(folder / "encoder"),
+            str(folder / "bert"),
+            num_queries=shape["num_queries"],
+            cross_attention_freq=shape["cross_attention_freq"],
+            max_text_len=32,
+            qformer_dropout=0.0,
+        ).train()
+    batch = feature_batch(shape["batch_size"], shape["frames"], shape["audio_width"], "cpu")
+    step, _ = training_step(model, batch)
+
+    def kernel(math: bool, work: Any) -> Any:
+        def run() -> object:
+            before = qformer_layers.CPU_MATH_ATTENTION
+            qformer_layers.CPU_MATH_ATTENTION = math
+            try:
+                return work()
+            finally:
+                qformer_layers.CPU_MATH_ATTENTION = before
+
+        return run
+
+    result: dict[str, Any] = {"name": "cpu_attention_kernel_stage1", "shape": shape}
+    for precision in ("32-true", "bf16-mixed"):
+        timed = [kernel(math, under(precision, step)) for math in (True, False)]
+        math_s, chosen_s = interleaved(timed, steps or shape["steps"])
+        result[precision] = {
+            "math_s": round(math_s, 4),
+            "pytorch_choice_s": round(chosen_s, 4),
+            "speedup": round(chosen_s / math_s, 3),
+        }
+    return result
