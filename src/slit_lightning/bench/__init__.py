@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "feature_cache": bench_feature_cache(args.preset, args.cache_clips, args.cache_seconds),
     }
     if not torch.cuda.is_available():  # the choice only concerns CPU runs
-        shape = {"layers": 2, "width": 32, "heads": 4, "audio_width": 64, "frames": 12,
-                 "batch_size": 4} if args.preset == "tiny" else None  # fmt: skip
+        tiny = {**PRESETS["tiny"], "frames": args.frames[0], "batch_size": 4}
+        shape = tiny if args.preset == "tiny" else None  # else the demo's shape
         report["cpu_attention"] = bench_cpu_attention_kernel(shape, steps=args.steps)
     return report
 
