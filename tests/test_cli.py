@@ -88,6 +88,11 @@ def test_synth_then_data_check_reports_and_logs_to_tensorboard(tmp_path, capsys)
     scores = json.loads(capsys.readouterr().out)
     assert scores["precision"] == 1.0
     assert scores["all_right"] == pytest.approx((len(rows) - 1) / len(rows), abs=1e-4)
+    main(["data", "agreement", str(report), "--corpus", str(corpus), "--details"])
+    details = json.loads(capsys.readouterr().out)
+    assert details["all_right"] == scores["all_right"]
+    assert sum(details["breakdown"]["failures"].values()) == len(rows)
+    assert details["breakdown"]["failures"]["ok"] == len(rows) - 1
 
 
 def test_shards_command_packs_a_manifest(clip_dir, capsys):

@@ -151,6 +151,11 @@ def data_parser() -> Any:
     )
     agreement.add_argument("captions", help="a {split}_captions.json written by slit test/validate")
     agreement.add_argument("--corpus", required=True, help="the built-in corpus the clips are from")
+    agreement.add_argument(
+        "--details",
+        action="store_true",
+        help="add a breakdown: clips by fault, recall per type, number words said per true count",
+    )
 
     parser = ArgumentParser(prog="slit data", description="Data tools.")
     commands = parser.add_subcommands(dest="command")
@@ -193,10 +198,14 @@ def data_command(argv: list[str]) -> None:
         if sub.log_dir:
             print(f"TensorBoard logs: {sub.log_dir}  (tensorboard --logdir {sub.log_dir})")
     elif cfg.command == "agreement":
-        from slit_lightning.metrics.events import score_captions_file
+        from slit_lightning.metrics.events import breakdown_captions_file, score_captions_file
 
-        scores = score_captions_file(sub.captions, sub.corpus)
-        print(json.dumps({k: round(v, 4) for k, v in scores.items()}))
+        scores: dict[str, Any] = {
+            k: round(v, 4) for k, v in score_captions_file(sub.captions, sub.corpus).items()
+        }
+        if sub.details:
+            scores["breakdown"] = breakdown_captions_file(sub.captions, sub.corpus)
+        print(json.dumps(scores))
     else:
         from slit_lightning.data.shards import write_shards
 

@@ -10,7 +10,9 @@ import pytest
 
 from slit_lightning.data import synth, synth_text
 from slit_lightning.metrics.events import (
+    breakdown_captions_file,
     event_agreement,
+    event_breakdown,
     named_event_types,
     named_events,
     score_captions_file,
@@ -78,12 +80,40 @@ def test_scores_count_what_is_wrong() -> None:
         event_agreement(["a", "b"], [CLIP])
 
 
+def test_breakdown_says_what_keeps_each_clip_from_all_right() -> None:
+    captions = [
+        "Two knocks, then a hum, then three beeps, over a rumble.",  # all right
+        "Three knocks, then three beeps and a hum.",  # count, order and the bed wrong
+        "A siren.",  # nothing right
+        "",  # nothing named
+    ]
+    out = event_breakdown(captions, [CLIP] * 4)
+    assert out["failures"] == {
+        "ok": 1,
+        "missing+order+count": 1,
+        "extra+missing+count": 1,
+        "missing+count": 1,
+    }
+    assert out["types"]["knocks"] == {"clips": 4, "named": 2, "recall": 0.5, "false": 0}
+    assert out["types"]["rumble"] == {"clips": 4, "named": 1, "recall": 0.25, "false": 0}
+    assert out["types"]["siren"] == {"clips": 0, "named": 0, "recall": None, "false": 1}
+    # per true count, the number words said for it
+    assert out["counts"] == {
+        "two": {"two": 1, "three": 1, "unnamed": 2},
+        "three": {"three": 2, "unnamed": 2},
+    }
+    named_bare = event_breakdown(["Knocks, then a hum, then three beeps over a rumble."], [CLIP])
+    assert named_bare["counts"]["two"] == {"none": 1}
+    assert named_bare["failures"] == {"count": 1}
+
+
 def test_score_captions_file_reads_the_clips_from_the_corpus(tmp_path: Path) -> None:
     (tmp_path / "test.jsonl").write_text(json.dumps({"id": "c1", "events": CLIP}) + "\n")
     report = tmp_path / "test_captions.json"
     rows = [{"clip_id": "c1", "prediction": "Two thuds, a hum, three beeps over a rumble."}]
     report.write_text(json.dumps({"captions": rows}))
     assert score_captions_file(report, tmp_path)["all_right"] == 1.0
+    assert breakdown_captions_file(report, tmp_path)["failures"] == {"ok": 1}
     rows.append({"clip_id": "c9", "prediction": "A hum."})
     report.write_text(json.dumps({"captions": rows}))
     with pytest.raises(ValueError, match="'c9'"):
