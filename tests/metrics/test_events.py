@@ -29,6 +29,13 @@ CLIP = [
     event("hum", 1.5),
     event("beeps", 3.0, count=3),
 ]
+# captions of CLIP, from all right to naming nothing
+CAPTIONS = [
+    "Two knocks, then a hum, then three beeps, over a rumble.",  # all right
+    "Three knocks, then three beeps and a hum.",  # count, order and the bed wrong
+    "A siren.",  # nothing right
+    "",  # nothing named
+]
 
 
 def test_named_events_read_every_wording_in_order_with_its_number() -> None:
@@ -63,13 +70,7 @@ def test_every_generated_caption_agrees_with_its_own_scene() -> None:
 
 
 def test_scores_count_what_is_wrong() -> None:
-    captions = [
-        "Two knocks, then a hum, then three beeps, over a rumble.",  # all right
-        "Three knocks, then three beeps and a hum.",  # count, order and the bed wrong
-        "A siren.",  # nothing right
-        "",  # nothing named
-    ]
-    scores = event_agreement(captions, [CLIP] * 4)
+    scores = event_agreement(CAPTIONS, [CLIP] * 4)
     assert scores["precision"] == pytest.approx(7 / 8)
     assert scores["recall"] == pytest.approx(7 / 16)
     assert scores["first_event"] == pytest.approx(2 / 4)
@@ -81,13 +82,7 @@ def test_scores_count_what_is_wrong() -> None:
 
 
 def test_breakdown_says_what_keeps_each_clip_from_all_right() -> None:
-    captions = [
-        "Two knocks, then a hum, then three beeps, over a rumble.",  # all right
-        "Three knocks, then three beeps and a hum.",  # count, order and the bed wrong
-        "A siren.",  # nothing right
-        "",  # nothing named
-    ]
-    out = event_breakdown(captions, [CLIP] * 4)
+    out = event_breakdown(CAPTIONS, [CLIP] * 4)
     assert out["failures"] == {
         "ok": 1,
         "missing+order+count": 1,
