@@ -18,6 +18,9 @@ Scores (all over the clips of one captions file):
 - ``counts``: of counted events (beeps, clicks, knocks) a caption names, the share whose number
   word is right (``counted`` counts them).
 - ``all_right``: exact types, in order, and every counted event named with the right number.
+
+:func:`event_breakdown` (``slit data agreement ... --details``) says where captions go wrong: clips
+by fault, recall per type, and the number words said for each true count.
 """
 
 from __future__ import annotations
@@ -83,12 +86,14 @@ class _ClipCheck:
 
     @property
     def exact(self) -> bool:
+        """The named types are exactly the clip's."""
         return set(self.named) == self.truth
 
     @property
     def ordered(self) -> bool:
-        rank = set(self.sequence)
-        return [label for label in self.named if label in rank] == self.sequence
+        """Every foreground type is named, in onset order (``in_order``)."""
+        foreground = set(self.sequence)
+        return [label for label in self.named if label in foreground] == self.sequence
 
     @property
     def in_onset_order(self) -> bool:
