@@ -124,6 +124,16 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A built-in corpus of 40 one-second clips (28 train, 4 each val, test, zeroshot)."""
+    from slit_lightning.data.synth import synthesize_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    synthesize_corpus(out, seed=0, clips=40, clip_seconds=1.0)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> Path:
     """The project's small audio encoder at toy size (random weights), saved locally."""
     import torch

@@ -428,15 +428,6 @@ def test_small_encoder_from_model_in_memory() -> None:
     assert sum(p.requires_grad for p in encoder.parameters()) == 0
 
 
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slit_lightning.data.synth import synthesize_corpus
-
-    out = tmp_path_factory.mktemp("corpus")
-    synthesize_corpus(out, seed=0, clips=40, clip_seconds=1.0)
-    return out
-
-
 def test_bootstrap_writes_a_loadable_encoder_once(
     tiny_corpus: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -449,6 +440,8 @@ def test_bootstrap_writes_a_loadable_encoder_once(
         seed=3,
         progress=lambda d, t: ticks.append((d, t)),
         extra_scenes=2,
+        count_scenes=4,
+        count_steps=3,
     )
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "bootstrap.json"}
     assert not list(tmp_path.glob(".encoder*"))  # no temp folder left behind

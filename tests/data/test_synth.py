@@ -345,15 +345,22 @@ def test_render_scenes_are_seeded_new_and_keep_the_heldout_pairs_apart(corpus: P
     pairs = synth.heldout_pairs(0)
     scenes = list(synth.render_scenes(40, 0, pairs, sample_rate=8000, clip_seconds=1.5))
     again = list(synth.render_scenes(3, 0, pairs, sample_rate=8000, clip_seconds=1.5))
-    for (a, labels_a), (b, labels_b) in zip(scenes, again, strict=False):
-        assert np.array_equal(a, b) and labels_a == labels_b
+    for (a, events_a), (b, events_b) in zip(scenes, again, strict=False):
+        assert np.array_equal(a, b) and events_a == events_b
+    later = list(synth.render_scenes(2, 0, pairs, sample_rate=8000, clip_seconds=1.5, first=5))
+    for (a, events_a), (b, events_b) in zip(scenes[5:7], later, strict=True):
+        assert np.array_equal(a, b) and events_a == events_b  # scene i is scene i, from any first
     other_seed = next(synth.render_scenes(1, 1, pairs, sample_rate=8000, clip_seconds=1.5))
     assert not np.array_equal(scenes[0][0], other_seed[0])
-    for wave, labels in scenes:
+    for wave, events in scenes:
         assert wave.dtype == np.float32 and wave.shape == (12000,) and np.abs(wave).max() <= 1.0
         assert np.array_equal(np.round(wave * 32768), wave * 32768)  # 16-bit steps, as the files
-        assert labels == sorted(set(labels)) and set(labels) <= set(synth_text.EVENT_LABELS)
-        assert not any({a, b} <= set(labels) for a, b in pairs)
+        labels = {e["type"] for e in events}
+        assert labels <= set(synth_text.EVENT_LABELS) and len(labels) == len(events)
+        assert not any({a, b} <= labels for a, b in pairs)
+        for e in events:  # the manifest's facts, made exact by rendering
+            assert e["onset"] >= 0.0 and e["onset"] + e["duration"] <= 1.5 + 1e-9
+            assert (e["count"] is not None) == (e["type"] in synth.COUNTED)
     # no scene is a clip of a corpus split (same seed, other random stream)
     corpus_rows = read_rows(corpus)
     first = synth.render_scenes(1, 0, pairs, sample_rate=corpus_rows[0]["sample_rate"],
