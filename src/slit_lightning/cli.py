@@ -252,7 +252,7 @@ def bootstrap_command(argv: list[str]) -> None:
     kwargs = {k: v for k, v in sub.items() if k not in ("corpus", "out", "quiet", "__path__")}
     with progress.bar(f"bootstrapping the {cfg.command}", quiet=sub.quiet, unit="steps") as tick:
         metrics = job(sub.corpus, sub.out, progress=tick, **kwargs)
-    shown = ("val_map", "val_f1", "val_loss", "val_perplexity")
+    shown = ("val_map", "val_f1", "count_event_accuracy", "val_loss", "val_perplexity")
     summary = ", ".join(f"{k} {metrics[k]}" for k in shown if k in metrics)
     what = {"encoder": "audio encoder", "llm": "LLM"}[cfg.command]
     print(f"{what} in {sub.out}: {summary}; {tick.summary()}")

@@ -8,7 +8,11 @@ counted 0.41 of held-out events right from the 700 train clips and 0.83 with 840
 scenes. So :func:`fit_count_readout` trains :class:`CountReadout` on scenes the corpus generator
 renders, after the tagger, with the trunk frozen; the model then adds the readout's per-frame
 count probabilities to its last layer's frames (through a fixed orthonormal projection), and
-everything downstream reads counts as it reads event types.
+everything downstream reads counts as it reads event types. Scenes that hold a counted event
+teach it as much as twice as many scenes of any kind, at half the rendering and encoding time:
+4200 of them counted 0.75 and 0.73 (two seeds, 1500 steps) of the 323 events of the train split
+right, against 0.71 and 0.72 from 8400 scenes of any kind; 1000 steps did as well (0.75, 0.73),
+2000 little better (0.76).
 
 Targets, per frame and counted type: class ``n`` (1 .. ``classes - 1``) inside an event of that
 type with ``n`` bursts, class 0 elsewhere.
@@ -175,7 +179,7 @@ def fit_count_readout(
     model: SmallAudioModel,
     train: Iterable[tuple[Tensor, list[dict[str, Any]]]],
     val: Iterable[tuple[Tensor, list[dict[str, Any]]]],
-    steps: int = 1500,
+    steps: int = 1000,
     batch_size: int = 64,
     lr: float = 3e-3,
     seed: int = 0,

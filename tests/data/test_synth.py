@@ -347,6 +347,15 @@ def test_render_scenes_are_seeded_new_and_keep_the_heldout_pairs_apart(corpus: P
     again = list(synth.render_scenes(3, 0, pairs, sample_rate=8000, clip_seconds=1.5))
     for (a, events_a), (b, events_b) in zip(scenes, again, strict=False):
         assert np.array_equal(a, b) and events_a == events_b
+    counted = synth.render_scenes(
+        5, 0, pairs, sample_rate=8000, clip_seconds=1.5, having=synth.COUNTED
+    )
+    kept = [(a, e) for a, e in scenes if any(x["type"] in synth.COUNTED for x in e)][:5]
+    assert (
+        len(kept) == 5
+    )  # the stream's first five scenes with a counted event, rendered as without the filter
+    for (a, events_a), (b, events_b) in zip(kept, counted, strict=True):
+        assert np.array_equal(a, b) and events_a == events_b
     later = list(synth.render_scenes(2, 0, pairs, sample_rate=8000, clip_seconds=1.5, first=5))
     for (a, events_a), (b, events_b) in zip(scenes[5:7], later, strict=True):
         assert np.array_equal(a, b) and events_a == events_b  # scene i is scene i, from any first

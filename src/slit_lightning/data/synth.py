@@ -203,22 +203,30 @@ def render_scenes(
     sample_rate: int = 16000,
     clip_seconds: float = 5.0,
     first: int = 0,
+    having: tuple[str, ...] = (),
 ) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
     """``count`` new scenes rendered in memory: ``(waveform, events)`` each, no files.
 
     For training on more audio than a corpus holds (the built-in encoder's bootstrap). The scenes
     come from the corpus generator's planner and renderers, like a train clip's, never hold one of
-    ``pairs`` (pass the corpus's held-out pairs) and are fixed by ``seed`` and their index (from
-    ``first``); no corpus split holds them. Waveforms are float32 in [-1, 1], quantised to 16 bits
-    as the corpus files are; events are a manifest row's ``events``.
+    ``pairs`` (pass the corpus's held-out pairs) and are fixed by ``seed`` and their index in the
+    stream (from ``first``); no corpus split holds them. Waveforms are float32 in [-1, 1],
+    quantised to 16 bits as the corpus files are; events are a manifest row's ``events``.
+    ``having``: yield only scenes with an event of one of these types (the others are planned,
+    never rendered), e.g. :data:`COUNTED` for a count readout, which learns from those events.
     """
     settings = _Settings(int(seed), int(sample_rate), float(clip_seconds), "flac")
-    for index in range(first, first + count):
+    index, made = first, 0
+    while made < count:
         seeds = np.random.SeedSequence([settings.seed, _SCENE_STREAM, index]).spawn(2)
+        index += 1
         plan_rng, audio_rng = (np.random.default_rng(s) for s in seeds)
         events, background = _plan_scene(plan_rng, "train", pairs, settings.clip_seconds)
+        if having and not any(e["type"] in having for e in events):
+            continue
         audio = _render_scene(events, background, audio_rng, settings)
         pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0) / 32768.0  # what a PCM_16 file reads
+        made += 1
         yield pcm.astype(np.float32), events
 
 
