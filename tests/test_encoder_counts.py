@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from slit_lightning.encoder_bootstrap import bootstrap_encoder
 from slit_lightning.encoder_counts import (
     CountReadout,
     _CountData,
@@ -15,7 +16,7 @@ from slit_lightning.encoder_counts import (
     _train,
     count_targets,
 )
-from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel, bootstrap_encoder
+from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
 from slit_lightning.encoders import HFAudioEncoder
 
 TYPES = ["beeps", "clicks", "knocks"]

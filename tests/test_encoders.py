@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from slit_lightning import encoder_small
-from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel, bootstrap_encoder
+from slit_lightning import encoder_bootstrap
+from slit_lightning.encoder_bootstrap import bootstrap_encoder
+from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
 from slit_lightning.encoders import AudioEncoder, EncoderConfigError, HFAudioEncoder, _unfold_clap
 
 RATE = 16000
@@ -454,7 +455,7 @@ def test_bootstrap_writes_a_loadable_encoder_once(
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(encoder_small, "_train_tagger", no_training)
+    monkeypatch.setattr(encoder_bootstrap, "_train_tagger", no_training)
     assert bootstrap_encoder(tiny_corpus, out, epochs=1, seed=3) == metrics
     encoder = HFAudioEncoder.from_pretrained(str(out))
     assert encoder.width == 256 and encoder.sample_rate == RATE and encoder.frozen
@@ -513,7 +514,7 @@ def test_bootstrap_on_the_default_corpus_tags_well_above_chance(tmp_path: Path) 
 
 
 def test_in_memory_clips_serve_every_clip_once_per_epoch_in_a_new_order():
-    from slit_lightning.encoder_small import InMemoryClips
+    from slit_lightning.encoder_bootstrap import InMemoryClips
 
     waves = [torch.full((n,), float(i)) for i, n in enumerate([5, 7, 3, 7, 6])]
     rows = [[f"label{i}"] for i in range(5)]

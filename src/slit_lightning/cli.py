@@ -220,7 +220,7 @@ def bootstrap_parser() -> Any:
     """Parser of ``slit bootstrap encoder|llm``."""
     from jsonargparse import ArgumentParser
 
-    from slit_lightning.encoder_small import bootstrap_encoder
+    from slit_lightning.encoder_bootstrap import bootstrap_encoder
     from slit_lightning.llm_small import bootstrap_llm
 
     parser = ArgumentParser(prog="slit bootstrap", description="Build the built-in models.")
@@ -242,7 +242,7 @@ def bootstrap_parser() -> Any:
 def bootstrap_command(argv: list[str]) -> None:
     """Run ``slit bootstrap encoder|llm ...``."""
     from slit_lightning import progress
-    from slit_lightning.encoder_small import bootstrap_encoder
+    from slit_lightning.encoder_bootstrap import bootstrap_encoder
     from slit_lightning.llm_small import bootstrap_llm
 
     cfg = bootstrap_parser().parse_args(argv)

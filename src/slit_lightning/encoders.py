@@ -35,12 +35,8 @@ from torch import Tensor, nn
 from transformers import AutoFeatureExtractor, AutoModel, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from slit_lightning.encoder_small import (
-    SMALL_MODEL_TYPE,
-    SmallAudioConfig,
-    SmallAudioModel,
-    bootstrap_encoder,
-)
+from slit_lightning.encoder_bootstrap import bootstrap_encoder
+from slit_lightning.encoder_small import SMALL_MODEL_TYPE, SmallAudioConfig, SmallAudioModel
 
 __all__ = [
     "AudioEncoder",
