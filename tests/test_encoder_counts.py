@@ -145,3 +145,9 @@ def test_the_readout_needs_the_builtin_generator(tiny_corpus: Path, tmp_path: Pa
     (other / "audio").symlink_to(tiny_corpus / "audio")
     with pytest.raises(ValueError, match="config without count_types"):
         bootstrap_encoder(other, tmp_path / "enc", epochs=1, config=SmallAudioConfig(**COUNTING))
+
+
+def test_count_types_must_be_counted_by_the_generator(tiny_corpus: Path, tmp_path: Path) -> None:
+    config = SmallAudioConfig(**{**COUNTING, "count_types": ["beeps", "bell"]})
+    with pytest.raises(ValueError, match="must be among"):
+        bootstrap_encoder(tiny_corpus, tmp_path / "enc", epochs=1, config=config, extra_scenes=0)

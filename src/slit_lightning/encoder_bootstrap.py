@@ -100,6 +100,7 @@ def bootstrap_encoder(
         )
     start = time.monotonic()
     config = config or SmallAudioConfig(**BUILTIN_SIZES)
+    _check_count_types(config.count_types)
     bf16 = native_bf16() if bf16 is None else bf16
     count, extra = _extra_scenes(Path(corpus_dir), extra_scenes, config.sample_rate)
     phases = _Phases(progress, count_steps if config.count_types else 0)
@@ -243,6 +244,17 @@ def _count_scenes(
     if count < 1:
         raise ValueError(f"count_scenes must be >= 1, got {count}")
     return _scenes(meta, count, first, sample_rate, having)
+
+
+def _check_count_types(types: list[str]) -> None:
+    """Before any training: the count readout learns only what the built-in generator counts."""
+    from slit_lightning.data.synth import COUNTED
+
+    if not set(types) <= set(COUNTED):
+        raise ValueError(
+            f"count_types {types} must be among {list(COUNTED)}: the event types the built-in"
+            " generator counts"
+        )
 
 
 def _builtin_metadata(corpus: Path) -> dict[str, Any] | None:

@@ -356,6 +356,8 @@ def test_render_scenes_are_seeded_new_and_keep_the_heldout_pairs_apart(corpus: P
     )  # the stream's first five scenes with a counted event, rendered as without the filter
     for (a, events_a), (b, events_b) in zip(kept, counted, strict=True):
         assert np.array_equal(a, b) and events_a == events_b
+    with pytest.raises(ValueError, match="names no event type"):
+        next(synth.render_scenes(1, 0, pairs, sample_rate=8000, having=("dog bark",)))
     later = list(synth.render_scenes(2, 0, pairs, sample_rate=8000, clip_seconds=1.5, first=5))
     for (a, events_a), (b, events_b) in zip(scenes[5:7], later, strict=True):
         assert np.array_equal(a, b) and events_a == events_b  # scene i is scene i, from any first

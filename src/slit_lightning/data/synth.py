@@ -215,6 +215,8 @@ def render_scenes(
     ``having``: yield only scenes with an event of one of these types (the others are planned,
     never rendered), e.g. :data:`COUNTED` for a count readout, which learns from those events.
     """
+    if having and not set(having) & set(EVENT_LABELS):
+        raise ValueError(f"having={having!r} names no event type of the generator: {EVENT_LABELS}")
     settings = _Settings(int(seed), int(sample_rate), float(clip_seconds), "flac")
     index, made = first, 0
     while made < count:
