@@ -117,7 +117,7 @@ def test_bootstrap_trains_the_readout_and_the_saved_encoder_carries_it(
     assert 0.0 <= metrics["count_event_accuracy"] <= 1.0 and metrics["count_val_events"] > 0
     tagger_steps = 2  # 28 train clips and 2 scenes, batches of 16
     assert ticks[0] == (1, tagger_steps + 5) and ticks[-1] == (tagger_steps + 5, tagger_steps + 5)
-    assert metrics["count_seconds"] >= 0.0  # recorded (the readout takes well under 0.1 s here)
+    assert 0.0 <= metrics["count_seconds"] <= metrics["seconds"]  # a part of the whole run
     saved = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert saved["count_types"] == TYPES and saved["count_kernel"] == 9
     encoder = HFAudioEncoder.from_pretrained(str(tmp_path / "enc"))

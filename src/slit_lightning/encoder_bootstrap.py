@@ -26,6 +26,7 @@ from slit_lightning.data.audio import pad_batch
 from slit_lightning.encoder_counts import fit_count_readout
 from slit_lightning.encoder_small import BUILTIN_SIZES, SmallAudioConfig, SmallAudioModel
 from slit_lightning.precision import cpu_autocast, native_bf16
+from slit_lightning.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -395,10 +396,7 @@ def _fit(
     params = [p for p in model.parameters() if p not in counts] + [*head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     total = max(1, total)
-    warmup = max(1, total // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total))
-    )
+    schedule = warmup_cosine(optimizer, total)
     model.train()
     head.train()
     step, mean = 0, 0.0

@@ -21,7 +21,6 @@ type with ``n`` bursts, class 0 elsewhere.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +31,7 @@ from transformers import initialization as init
 
 from slit_lightning.data.audio import pad_batch
 from slit_lightning.precision import cpu_autocast
+from slit_lightning.schedule import warmup_cosine
 
 if TYPE_CHECKING:
     from slit_lightning.encoder_small import SmallAudioModel
@@ -222,10 +222,7 @@ def _train(
     weight = torch.ones(readout.classes)
     weight[0] = _BACKGROUND_WEIGHT
     optimizer = torch.optim.AdamW(readout.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     readout.train()
     losses = []

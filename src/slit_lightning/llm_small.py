@@ -48,6 +48,7 @@ from slit_lightning.atomic import save_folder_atomic
 from slit_lightning.data import synth, synth_text
 from slit_lightning.instructions import ClipText, InstructionMix
 from slit_lightning.precision import cpu_autocast, native_bf16
+from slit_lightning.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -284,13 +285,7 @@ def _fit(
     steps, batch_size, block_size = knobs["steps"], knobs["batch_size"], knobs["block_size"]
     lr = knobs["lr"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-        ),
-    )
+    schedule = warmup_cosine(optimizer, steps)
     starts = torch.randint(0, max(1, len(stream) - block_size), (steps, batch_size))
     window = torch.arange(block_size)
     model.train()
