@@ -5,8 +5,8 @@ project trains a small one itself (``slit bootstrap encoder``) and saves it as `
 ``model.safetensors``. From then on it is loaded and frozen like any pretrained encoder:
 ``HFAudioEncoder.from_pretrained(out_dir)``.
 
-Architecture: log-mel front end (100 frames/s) -> two stride-2 convolutions (25 frames/s) -> a small
-pre-norm transformer -> ``(B, T, D)`` frames. The built-in encoder (:data:`BUILTIN_SIZES`) uses
+Architecture: log-mel front end (100 frames/s, optionally with its deltas) -> two stride-2
+convolutions (25 frames/s) -> a small pre-norm transformer -> ``(B, T, D)`` frames. The built-in encoder (:data:`BUILTIN_SIZES`) uses
 kernel-7 convolutions: they see 190 ms of audio, a whole cycle of a 5-10 Hz tremolo or the gap
 between two beeps, where kernel-3 ones see 70 ms. Padding never changes the frames of real audio:
 padded mel frames and conv outputs are zeroed (what a clip alone sees at its edge) and attention
@@ -32,10 +32,13 @@ __all__ = ["BUILTIN_SIZES", "SMALL_MODEL_TYPE", "SmallAudioConfig", "SmallAudioM
 SMALL_MODEL_TYPE = "slit_small_audio"
 # What `slit bootstrap encoder` trains by default. Measured on the built-in corpus's 700 train clips
 # (val mAP after 10 epochs, one seed): kernel 3 with dropout 0.1 0.78, dropout 0 0.80, kernel 7
-# with dropout 0 0.85 (kernel 11: 0.80). The count readout (encoder_counts.py) counts the
-# corpus's beeps, clicks and knocks (1 to 5 each).
+# with dropout 0 0.85 (kernel 11: 0.80). Deltas at scale 4 (the tagger on 2.5-s windows, 8
+# epochs, val + test clips): mAP 0.974 against 0.936 without deltas and 0.945 at scale 1; average
+# precision of tremolo tones 0.93 against 0.71, of pure tones 0.86 against 0.68. The count
+# readout (encoder_counts.py) counts the corpus's beeps, clicks and knocks (1 to 5 each).
 BUILTIN_SIZES: dict[str, Any] = {
     "conv_kernel_size": 7,
+    "delta_scale": 4.0,
     "dropout": 0.0,
     "count_types": ["beeps", "clicks", "knocks"],
 }
@@ -47,7 +50,12 @@ class SmallAudioConfig(PretrainedConfig):
     """Sizes of :class:`SmallAudioModel` (the built-in encoder's: ``SmallAudioConfig(**BUILTIN_SIZES)``).
 
     ``conv_kernel_size`` defaults to 3, what encoders saved before the setting existed used, so
-    their ``config.json`` still loads into the right shapes. ``count_types`` (default: none) adds
+    their ``config.json`` still loads into the right shapes. ``delta_scale`` above 0 stacks the
+    log-mel's time derivative (deltas over 5 frames), times that scale, on the log-mel as
+    ``n_mels`` more input channels; 0 (the default, as saved before the setting) feeds the log-mel
+    alone. Deltas make amplitude modulation a signal of its own: a tremolo tone's 20-dB swings
+    are a small wobble on a log-mel dominated by the spectrum's shape, and a tagger trained on
+    the log-mel alone hardly told tremolo from pure tones (see :data:`BUILTIN_SIZES`). ``count_types`` (default: none) adds
     a :class:`~slit_lightning.encoder_counts.CountReadout` for those event types with
     ``count_classes`` classes (no event, then counts 1 .. ``count_classes - 1``), ``count_width``
     channels, a ``count_kernel``-frame convolution, and ``count_scale`` times its probabilities
@@ -69,6 +77,7 @@ class SmallAudioConfig(PretrainedConfig):
         intermediate_size: int = 1024,
         num_conv_layers: int = 2,
         conv_kernel_size: int = 3,
+        delta_scale: float = 0.0,
         dropout: float = 0.1,
         initializer_range: float = 0.02,
         count_types: list[str] | None = None,
@@ -87,6 +96,9 @@ class SmallAudioConfig(PretrainedConfig):
         self.hidden_size, self.num_hidden_layers = hidden_size, num_hidden_layers
         self.num_attention_heads, self.intermediate_size = num_attention_heads, intermediate_size
         self.num_conv_layers, self.conv_kernel_size = num_conv_layers, conv_kernel_size
+        if delta_scale < 0:
+            raise ValueError(f"delta_scale must be >= 0 (0: no deltas); got {delta_scale}")
+        self.delta_scale = delta_scale
         self.dropout = dropout
         self.initializer_range = initializer_range
         self.count_types = list(count_types or [])
@@ -108,7 +120,8 @@ class SmallAudioModel(PreTrainedModel):
         super().__init__(config)
         c = config
         self.mel = LogMel(c.sample_rate, c.n_fft, c.hop_length, c.n_mels)
-        widths = [c.n_mels] + [c.hidden_size] * c.num_conv_layers
+        inputs = 2 * c.n_mels if c.delta_scale > 0 else c.n_mels
+        widths = [inputs] + [c.hidden_size] * c.num_conv_layers
         k = c.conv_kernel_size
         if k < 1 or k % 2 == 0:
             raise ValueError(f"conv_kernel_size must be odd and positive; got {k}")
@@ -205,6 +218,8 @@ class SmallAudioModel(PreTrainedModel):
             wave = F.pad(wave, (0, c.n_fft - wave.shape[-1]))
         x = self.mel(wave).to(self.dtype)  # (B, n_mels, F)
         frames = self._mel_frames(mask.sum(-1))
+        if c.delta_scale > 0:
+            x = torch.cat([x, c.delta_scale * _deltas(x, frames)], dim=1)
         x = x * _prefix_mask(frames, x.shape[-1]).unsqueeze(1)
         for conv in self.convs:
             x = F.gelu(conv(x))
@@ -252,6 +267,15 @@ class LogMel(nn.Module):
         )
         mel = torch.einsum("bfn,fm->bmn", spec.abs().square(), self.filterbank.float())
         return (mel.clamp_min(_LOG_FLOOR).log() + _LOG_SHIFT) / _LOG_SCALE
+
+
+def _deltas(mel: Tensor, frames: Tensor) -> Tensor:
+    """Time derivative of ``(B, C, F)`` over 5 frames, each clip's last real frame repeated past
+    its end (so a clip's deltas are those it has alone, whatever its batch-mates' lengths)."""
+    last = (frames - 1).clamp(0, mel.shape[-1] - 1).unsqueeze(-1)
+    held = torch.minimum(torch.arange(mel.shape[-1], device=mel.device), last)  # (B, F)
+    mel = mel.gather(-1, held.unsqueeze(1).expand(-1, mel.shape[1], -1))
+    return torchaudio.functional.compute_deltas(mel, win_length=5)
 
 
 def _halved(frames: Tensor) -> Tensor:
