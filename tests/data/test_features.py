@@ -81,6 +81,22 @@ def test_audio_changed_after_caching_is_a_counted_skip(encoder, clip_dir, tmp_pa
     assert dict(dm.ledgers["val"].reasons) == {STALE: 1}
 
 
+def test_a_moved_corpus_is_stale_and_says_so(encoder, clip_dir, tmp_path, caplog):
+    """The fingerprint holds the file's path: features cached for one folder are not read for a
+    copy elsewhere (same bytes, same times), and the skip says why."""
+    import shutil
+
+    _cache(encoder, clip_dir, tmp_path / "cache")
+    moved = clip_dir.parent / f"{clip_dir.name}-moved"  # audio paths are manifest-relative
+    shutil.copytree(clip_dir, moved, ignore=shutil.ignore_patterns("cache"))  # keeps the times
+    dm = _dm(moved, tmp_path / "cache", max_skip_fraction=1.0)
+    dm.use_feature_cache(encoder.identity)
+    with caplog.at_level("WARNING"):
+        assert sum(len(b["clip_id"]) for b in dm.loader("val")) == 0
+    assert dict(dm.ledgers["val"].reasons) == {STALE: 12}
+    assert "changed or moved after caching" in caplog.text
+
+
 def test_clips_skipped_while_caching_keep_their_reason(encoder, clip_dir, tmp_path):
     (clip_dir / "clip05.flac").write_bytes(b"not audio at all")
     counts = _cache(encoder, clip_dir, tmp_path / "cache", max_skip_fraction=0.5)

@@ -124,7 +124,12 @@ class FeatureSplit:
                 clip.name, NOT_CACHED, f"not in the {self.split} cache; rerun slit cache-features"
             )
         if audio_fingerprint != entry.fingerprint:
-            return Skip(clip.name, STALE, "audio changed after caching; rerun slit cache-features")
+            return Skip(
+                clip.name,
+                STALE,
+                "audio changed or moved after caching (path, size or modification time differ);"
+                " rerun slit cache-features",
+            )
         return self.array[entry.offset : entry.offset + entry.frames]
 
     def seconds(self, clip_id: str) -> float:
