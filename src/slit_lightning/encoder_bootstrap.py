@@ -432,7 +432,9 @@ class InMemoryClips:
                 for i in range(0, len(order), batch_size)
             ]
 
-    def _batch(self, index: Tensor, crop_seconds: float, generator: torch.Generator) -> dict:
+    def _batch(
+        self, index: Tensor, crop_seconds: float, generator: torch.Generator
+    ) -> dict[str, Any]:
         if crop_seconds <= 0:
             mask = self.mask[index]
             length = int(mask.sum(1).max())  # cut the batch to its longest clip

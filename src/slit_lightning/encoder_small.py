@@ -6,11 +6,12 @@ project trains a small one itself (``slit bootstrap encoder``) and saves it as `
 ``HFAudioEncoder.from_pretrained(out_dir)``.
 
 Architecture: log-mel front end (100 frames/s, optionally with its deltas) -> two stride-2
-convolutions (25 frames/s) -> a small pre-norm transformer -> ``(B, T, D)`` frames. The built-in encoder (:data:`BUILTIN_SIZES`) uses
-kernel-7 convolutions: they see 190 ms of audio, a whole cycle of a 5-10 Hz tremolo or the gap
-between two beeps, where kernel-3 ones see 70 ms. Padding never changes the frames of real audio:
-padded mel frames and conv outputs are zeroed (what a clip alone sees at its edge) and attention
-ignores padded keys, so a clip's features do not depend on its batch-mates.
+convolutions (25 frames/s) -> a small pre-norm transformer -> ``(B, T, D)`` frames. The built-in
+encoder (:data:`BUILTIN_SIZES`) uses kernel-7 convolutions: they see 190 ms of audio, a whole cycle
+of a 5-10 Hz tremolo or the gap between two beeps, where kernel-3 ones see 70 ms. Padding never
+changes the frames of real audio: padded mel frames and conv outputs are zeroed (what a clip alone
+sees at its edge), deltas repeat a clip's last frame and attention ignores padded keys, so a
+clip's features do not depend on its batch-mates.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class SmallAudioConfig(PretrainedConfig):
     ``n_mels`` more input channels; 0 (the default, as saved before the setting) feeds the log-mel
     alone. Deltas make amplitude modulation a signal of its own: a tremolo tone's 20-dB swings
     are a small wobble on a log-mel dominated by the spectrum's shape, and a tagger trained on
-    the log-mel alone hardly told tremolo from pure tones (see :data:`BUILTIN_SIZES`). ``count_types`` (default: none) adds
-    a :class:`~slit_lightning.encoder_counts.CountReadout` for those event types with
+    the log-mel alone hardly told tremolo from pure tones (see :data:`BUILTIN_SIZES`).
+    ``count_types`` (default: none) adds a
+    :class:`~slit_lightning.encoder_counts.CountReadout` for those event types with
     ``count_classes`` classes (no event, then counts 1 .. ``count_classes - 1``), ``count_width``
     channels, a ``count_kernel``-frame convolution, and ``count_scale`` times its probabilities
     added to the last layer's frames. Scale 8 against frames of median norm 16 was measured: at
