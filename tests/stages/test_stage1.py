@@ -176,6 +176,24 @@ def test_bf16_mixed_fit_clips_gradients_with_the_fused_optimizer(stage1, clip_di
     assert all(torch.isfinite(p).all() for p in stage1.qformer.parameters())
 
 
+def test_bf16_mixed_test_reranks_on_float32_similarities(stage1, clip_dir, tmp_path):
+    # `slit test` on a stage-1 checkpoint under bf16-mixed (the demo's CPU precision) once failed
+    # in the re-ranking: bf16 similarities plus float32 match logits
+    manifest = str(clip_dir / "train.jsonl")
+    dm = AudioTextDataModule(test=manifest, batch_size=4, num_workers=0, max_seconds=0.5)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+    )
+    (result,) = trainer.test(stage1, datamodule=dm, verbose=False)
+    assert 0.0 <= result["test/rerank_t2a_R@1"] <= 1.0 and 0.0 <= result["test/t2a_R@1"] <= 1.0
+    assert stage1.collected_embeddings()["text"].dtype == torch.float32
+
+
 def _big_gradients(stage: Stage1) -> torch.optim.Optimizer:
     params = [p for p in stage.parameters() if p.requires_grad]
     for p in params:

@@ -315,8 +315,10 @@ class Stage1(SLITStage):
         captions = [c for clip in batch["captions"] for c in clip]
         clip_of = [first + i for i, clip in enumerate(batch["captions"]) for _ in clip]
         ids, mask = self.tokenize(self.tokenizer, captions, self.hparams.max_text_len, False)
-        self._eval["audio"].append(self.audio_embeddings(kv).cpu())
-        self._eval["text"].append(self.text_embeddings(ids, mask).cpu())
+        # float32 whatever the autocast: bf16 similarities tie (three significant digits) and the
+        # re-ranking adds float32 match logits to them
+        self._eval["audio"].append(self.audio_embeddings(kv).float().cpu())
+        self._eval["text"].append(self.text_embeddings(ids, mask).float().cpu())
         self._eval["text_clip"].append(torch.tensor(clip_of))
         self._eval["captions"].extend(captions)
         self._eval["clip_id"].extend(batch["clip_id"])
