@@ -37,10 +37,23 @@ def test_bar_shows_count_rate_and_eta_on_stderr(capsys) -> None:
 
 @pytest.fixture
 def restore_logging():
+    from transformers.utils import logging as hf_logging
+
     root = logging.getLogger()
-    level = root.level
+    level, bars = root.level, hf_logging.is_progress_bar_enabled()
     yield
     root.setLevel(level)
+    (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+
+
+def test_quiet_also_silences_the_transformers_progress_bars(restore_logging) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    progress.quieten(False)
+    assert hf_logging.is_progress_bar_enabled()
+    progress.quieten(True)  # save_pretrained's "Writing model shards" bar printed under --quiet
+    assert not hf_logging.is_progress_bar_enabled()
 
 
 def test_synth_summary_line_and_quiet(tmp_path, capsys, restore_logging) -> None:

@@ -98,6 +98,10 @@ def bar(description: str, quiet: bool = False, unit: str = "items") -> Iterator[
 
 
 def quieten(quiet: bool) -> None:
-    """For ``--quiet``: keep warnings and errors, drop the progress messages (INFO logs)."""
+    """For ``--quiet``: keep warnings and errors, drop the progress messages (INFO logs) and
+    transformers' own progress bars ("Loading weights", "Writing model shards")."""
     if quiet:
+        from transformers.utils import logging as hf_logging
+
         logging.getLogger().setLevel(logging.WARNING)
+        hf_logging.disable_progress_bar()
