@@ -160,6 +160,12 @@ def test_generation_tasks_on_a_labelled_set(checkpoints, esc50, stage):
     assert set(report.metrics["tag"]) == {"precision", "recall", "f1"}
     assert 0.0 <= report.metrics["choose"]["accuracy"] <= 1.0
     assert "nothing" in report.skipped["qa"]
+    data = _esc50_dm(esc50)
+    data.require_captions = False  # labels only, as evaluate reads it
+    data_ids = {c for batch in data.loader("zeroshot") for c in batch["clip_id"]}
+    ids = [row["clip_id"] for row in report.answers]  # every answer names the clip it is about
+    assert set(ids) == data_ids and len(data_ids) == report.clips == 9
+    assert {row["task"] for row in report.answers} == {"classify", "tag", "choose"}
 
 
 def test_eval_command_prints_one_table_and_writes_json_and_tensorboard(

@@ -54,7 +54,7 @@ class EvalReport:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     #: every generated answer: task, instruction, expected answer, prediction
-    answers: list[dict[str, str]] = field(default_factory=list)
+    answers: list[dict[str, str]] = field(default_factory=list)  # clip_id, task, ..., prediction
 
     def save(self, out_dir: str | Path) -> Path:
         """``eval.json`` (scores), ``answers.json`` (every generated answer) and TensorBoard
@@ -129,6 +129,7 @@ def evaluate(
     store: dict[str, Any] = {"audio": [], "text": [], "text_clip": [], "labels": []}
     examples: dict[str, list[Example]] = {t: [] for t in runnable}
     answers: dict[str, list[str]] = {t: [] for t in runnable}
+    asked: dict[str, list[str]] = {t: [] for t in runnable}  # the clip id of each example
     loader = datamodule.loader(split)  # type: ignore[arg-type]
     total = loader.dataset.estimated_batches(datamodule.hparams.num_workers) or 0
     for step, batch in enumerate(loader):
@@ -150,6 +151,7 @@ def evaluate(
                 instructions = [e.instruction for e in found]
                 answers[task] += model.answer(batch, instructions, torch.tensor(rows))
                 examples[task] += found
+                asked[task] += [batch["clip_id"][i] for i in rows]
         report.clips += len(clips)
         if progress is not None:
             progress(step + 1, max(total, step + 1))
@@ -162,9 +164,10 @@ def evaluate(
             report.skipped[task] = "the data has nothing this task needs"
         else:
             report.answers += [
-                {"task": task, "instruction": e.instruction, "answer": e.answer, "prediction": p}
-                for e, p in zip(examples[task], answers[task], strict=True)
-            ]
+                {"clip_id": c, "task": task, "instruction": e.instruction, "answer": e.answer,
+                 "prediction": p}
+                for c, e, p in zip(asked[task], examples[task], answers[task], strict=True)
+            ]  # fmt: skip
             scores = score_answers(task, examples[task], answers[task], vocabulary)
             report.metrics[task] = scores.values
             report.skipped |= {f"{task}/{k}": v for k, v in scores.unavailable.items()}
