@@ -138,6 +138,9 @@ def test_fit_and_validate_score_every_task(instruct, qa_clips, tmp_path):
     report = json.loads((tmp_path / "val_answers.json").read_text())
     tasks = {row["task"] for row in report["answers"]}
     assert tasks == {"caption", "qa", "classify", "tag"}
+    clip_ids = {json.loads(line)["id"] for line in qa_clips.read_text().splitlines()}
+    answered = {row["clip_id"] for row in report["answers"]}  # each answer names its clip
+    assert len(answered) == 8 and answered <= clip_ids  # 2 val batches of 4 clips
     qa = [row for row in report["answers"] if row["task"] == "qa"]
     assert len(qa) == 8 and all(
         row["instruction"].endswith("Is there a hum? Answer:") for row in qa

@@ -170,7 +170,7 @@ class Instruct(Stage2):
     # ------------------------------------------------------------------ evaluation
 
     def on_validation_epoch_start(self) -> None:
-        self._eval = {"task": [], "example": [], "prediction": [], "labels": []}
+        self._eval = {"task": [], "example": [], "prediction": [], "labels": [], "clip_id": []}
 
     on_test_epoch_start = on_validation_epoch_start
 
@@ -193,6 +193,7 @@ class Instruct(Stage2):
             self._eval["task"] += [task] * len(examples)
             self._eval["example"] += examples
             self._eval["prediction"] += answers
+            self._eval["clip_id"] += [batch["clip_id"][i] for i in rows]
 
     def report(self, split: str) -> None:
         store = _gather(self._eval)
@@ -228,7 +229,10 @@ def _write_answers(path: Path, store: dict[str, list[Any]], metrics: dict[str, f
     """Every instruction with its expected and generated answer, and the scores, as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [
-        {"task": t, "instruction": e.instruction, "answer": e.answer, "prediction": p}
-        for t, e, p in zip(store["task"], store["example"], store["prediction"], strict=True)
-    ]
+        {"clip_id": c, "task": t, "instruction": e.instruction, "answer": e.answer,
+         "prediction": p}
+        for c, t, e, p in zip(
+            store["clip_id"], store["task"], store["example"], store["prediction"], strict=True
+        )
+    ]  # fmt: skip
     path.write_text(json.dumps({"metrics": metrics, "answers": rows}, indent=1), encoding="utf-8")
