@@ -408,6 +408,7 @@ class InMemoryClips:
         if not waves:
             raise ValueError("the training split holds no usable clip")
         self.audio, self.mask = pad_batch(waves)
+        self.lengths = [w.shape[0] for w in waves]
 
     def epochs(
         self,
@@ -446,7 +447,7 @@ class InMemoryClips:
         size, rate = round(crop_seconds * self.sample_rate), self.sample_rate
         waves, labels = [], []
         for i in index.tolist():
-            length = int(self.mask[i].sum())
+            length = self.lengths[i]
             start = int(torch.randint(0, max(1, length - size + 1), (1,), generator=generator))
             end = min(length, start + size)
             waves.append(self.audio[i, start:end])

@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from slit_lightning.data.datamodule import AudioTextDataModule
 from slit_lightning.instructions import ClipText, Example, Wordings, evaluation_examples
-from slit_lightning.metrics.answers import score_answers
+from slit_lightning.metrics.answers import answer_rows, score_answers
 from slit_lightning.metrics.retrieval import retrieval_metrics
 from slit_lightning.stages import SLITStage, Stage1, Stage2
 
@@ -53,8 +53,8 @@ class EvalReport:
     clips: int = 0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    #: every generated answer: task, instruction, expected answer, prediction
-    answers: list[dict[str, str]] = field(default_factory=list)  # clip_id, task, ..., prediction
+    #: every generated answer: clip id, task, instruction, expected answer, prediction
+    answers: list[dict[str, str]] = field(default_factory=list)
 
     def save(self, out_dir: str | Path) -> Path:
         """``eval.json`` (scores), ``answers.json`` (every generated answer) and TensorBoard
@@ -163,11 +163,7 @@ def evaluate(
         elif not examples[task]:
             report.skipped[task] = "the data has nothing this task needs"
         else:
-            report.answers += [
-                {"clip_id": c, "task": task, "instruction": e.instruction, "answer": e.answer,
-                 "prediction": p}
-                for c, e, p in zip(asked[task], examples[task], answers[task], strict=True)
-            ]  # fmt: skip
+            report.answers += answer_rows(asked[task], examples[task], answers[task])
             scores = score_answers(task, examples[task], answers[task], vocabulary)
             report.metrics[task] = scores.values
             report.skipped |= {f"{task}/{k}": v for k, v in scores.unavailable.items()}

@@ -16,6 +16,18 @@ from slit_lightning.instructions import Example, answer_matches, closest_label, 
 from slit_lightning.metrics.captioning import CaptionScores, caption_metrics
 
 
+def answer_rows(
+    clip_ids: Sequence[str], examples: Sequence[Example], predictions: Sequence[str]
+) -> list[dict[str, str]]:
+    """One JSON row per generated answer: the clip it is about, the task, the instruction, the
+    expected answer and the prediction (what ``answers.json`` files hold)."""
+    return [
+        {"clip_id": c, "task": e.task, "instruction": e.instruction, "answer": e.answer,
+         "prediction": p}
+        for c, e, p in zip(clip_ids, examples, predictions, strict=True)
+    ]  # fmt: skip
+
+
 def score_answers(
     task: str, examples: Sequence[Example], predictions: Sequence[str], vocabulary: Sequence[str]
 ) -> CaptionScores:

@@ -30,7 +30,7 @@ from slit_lightning.instructions import (
     can_do,
     evaluation_examples,
 )
-from slit_lightning.metrics.answers import score_answers
+from slit_lightning.metrics.answers import answer_rows, score_answers
 from slit_lightning.qformer import AudioKV
 from slit_lightning.stages.base import CheckpointError, frozen_references
 from slit_lightning.stages.stage2 import Stage2, _gather, _scored_on_rank_zero
@@ -228,11 +228,5 @@ class Instruct(Stage2):
 def _write_answers(path: Path, store: dict[str, list[Any]], metrics: dict[str, float]) -> None:
     """Every instruction with its expected and generated answer, and the scores, as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [
-        {"clip_id": c, "task": t, "instruction": e.instruction, "answer": e.answer,
-         "prediction": p}
-        for c, t, e, p in zip(
-            store["clip_id"], store["task"], store["example"], store["prediction"], strict=True
-        )
-    ]  # fmt: skip
+    rows = answer_rows(store["clip_id"], store["example"], store["prediction"])
     path.write_text(json.dumps({"metrics": metrics, "answers": rows}, indent=1), encoding="utf-8")
