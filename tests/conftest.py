@@ -105,7 +105,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    from slit_lightning.qformer import minilm_path
+    from slit_lightning.builtin.bert import minilm_path
 
     path = tmp_path_factory.mktemp("tiny_bert")
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
@@ -126,7 +126,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A built-in corpus of 40 one-second clips (28 train, 4 each val, test, zeroshot)."""
-    from slit_lightning.data.synth import synthesize_corpus
+    from slit_lightning.builtin.corpus import synthesize_corpus
 
     out = tmp_path_factory.mktemp("corpus")
     synthesize_corpus(out, seed=0, clips=40, clip_seconds=1.0)
@@ -138,7 +138,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
     """The project's small audio encoder at toy size (random weights), saved locally."""
     import torch
 
-    from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
+    from slit_lightning.model.small_encoder import SmallAudioConfig, SmallAudioModel
 
     path = tmp_path_factory.mktemp("tiny_encoder")
     config = SmallAudioConfig(
@@ -258,7 +258,7 @@ def stage_checkpoints(tiny_encoder, tiny_bert, tiny_llm_factory, tmp_path_factor
     differs from ``stage1`` in its weights only)."""
     import torch
 
-    from slit_lightning.llm import Generation
+    from slit_lightning.model.llm import Generation
     from slit_lightning.stages import Instruct, Stage1, Stage2
 
     folder = tmp_path_factory.mktemp("stages")

@@ -6,9 +6,9 @@ import soundfile as sf
 import torch
 
 from slit_lightning import SLIT
-from slit_lightning.api import CapabilityError, Classification, scores
 from slit_lightning.data.audio import AudioError, load_audio, pad_batch
-from slit_lightning.inference import ask, caption_files, load_stage, load_stage2
+from slit_lightning.model.slit import CapabilityError, Classification, scores
+from slit_lightning.stages.load import ask, caption_files, load_stage, load_stage2
 from tests.conftest import write_tone
 
 

@@ -85,7 +85,7 @@ def test_bench_writes_json(tmp_path, capsys):
 def test_cpu_attention_runs_the_kernel_chosen_with_the_same_result(monkeypatch, math, dtype):
     from torch.profiler import profile
 
-    from slit_lightning import qformer_layers
+    from slit_lightning.model import qformer_layers
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, n, 8, dtype=dtype) for n in (10, 30, 30))

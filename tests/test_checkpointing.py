@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from slit_lightning.checkpointing import (
+from slit_lightning.training.checkpointing import (
     AtomicCheckpointIO,
     NonFiniteGuard,
     NonFiniteLossError,
@@ -26,7 +26,7 @@ KILLED_WRITER = textwrap.dedent(
     import io, sys, time
     from pathlib import Path
     import torch
-    from slit_lightning.checkpointing import AtomicCheckpointIO
+    from slit_lightning.training.checkpointing import AtomicCheckpointIO
 
     target, marker = Path(sys.argv[1]), Path(sys.argv[2])
     io_ = AtomicCheckpointIO()
@@ -131,7 +131,7 @@ def test_recent_checkpoints_refuse_keeping_none():
 
 
 def test_slit_fit_writes_checkpoints_through_the_atomic_io(clip_dir, tmp_path):
-    from slit_lightning.cli import lightning_cli
+    from slit_lightning.cli.main import lightning_cli
 
     args = ["--model", "tests.data.test_bad_input._Consumer",
             "--data.train", str(clip_dir / "train.jsonl"), "--data.num_workers", "0",

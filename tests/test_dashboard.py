@@ -21,16 +21,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from slit_lightning.dashboard import (
+from slit_lightning.data.datamodule import AudioTextDataModule
+from slit_lightning.model.llm import Generation
+from slit_lightning.stages import Stage1, Stage2
+from slit_lightning.training.dashboard import (
     Dashboard,
     attention_image,
     batch_size,
     clip_markdown,
     take_rows,
 )
-from slit_lightning.data.datamodule import AudioTextDataModule
-from slit_lightning.llm import Generation
-from slit_lightning.stages import Stage1, Stage2
 from tests.conftest import write_tone_clips
 
 QFORMER = {"num_queries": 4, "cross_attention_freq": 2}
@@ -214,7 +214,7 @@ def test_stage_configs_enable_the_dashboard() -> None:
     for name in ("stage1", "stage2", "instruct"):
         trainer = yaml.safe_load((CONF / f"{name}.yaml").read_text())["trainer"]
         paths = [c["class_path"] for c in trainer["callbacks"]]
-        assert "slit_lightning.dashboard.Dashboard" in paths, name
+        assert "slit_lightning.training.dashboard.Dashboard" in paths, name
         assert "lightning.pytorch.callbacks.LearningRateMonitor" in paths, name
         assert trainer["logger"]["init_args"]["default_hp_metric"] is False, name
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from slit_lightning.encoder_bootstrap import InMemoryClips, bootstrap_encoder, sounding
-from slit_lightning.encoder_small import SmallAudioConfig
+from slit_lightning.builtin.encoder_bootstrap import InMemoryClips, bootstrap_encoder, sounding
+from slit_lightning.model.small_encoder import SmallAudioConfig
 
 RATE = 100  # samples per second: windows of a few seconds stay tiny
 

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from slit_lightning.encoder_bootstrap import bootstrap_encoder
-from slit_lightning.encoder_counts import (
+from slit_lightning.builtin.encoder_bootstrap import bootstrap_encoder
+from slit_lightning.builtin.encoder_counts import (
     CountReadout,
     _CountData,
     _evaluate,
     _train,
     count_targets,
 )
-from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
-from slit_lightning.encoders import HFAudioEncoder
+from slit_lightning.model.encoders import HFAudioEncoder
+from slit_lightning.model.small_encoder import SmallAudioConfig, SmallAudioModel
 
 TYPES = ["beeps", "clicks", "knocks"]
 COUNTING = {  # a tiny encoder with a tiny count readout

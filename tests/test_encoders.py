@@ -16,10 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from slit_lightning import encoder_bootstrap
-from slit_lightning.encoder_bootstrap import bootstrap_encoder
-from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
-from slit_lightning.encoders import AudioEncoder, EncoderConfigError, HFAudioEncoder, _unfold_clap
+from slit_lightning.builtin import encoder_bootstrap
+from slit_lightning.builtin.encoder_bootstrap import bootstrap_encoder
+from slit_lightning.model.encoders import (
+    AudioEncoder,
+    EncoderConfigError,
+    HFAudioEncoder,
+    _unfold_clap,
+)
+from slit_lightning.model.small_encoder import SmallAudioConfig, SmallAudioModel
 
 RATE = 16000
 LONG, SHORT = RATE, 9000  # two clips of 1 s and 0.5625 s
@@ -443,7 +448,7 @@ def test_small_encoder_deltas_answer_amplitude_modulation() -> None:
     tremolo = steady * (1 - 0.45 * (1 + torch.sin(2 * torch.pi * 8 * t)))
     mel = {name: model.mel(w[None]) for name, w in (("steady", steady), ("tremolo", tremolo))}
     frames = torch.full((1,), mel["steady"].shape[-1])
-    from slit_lightning.encoder_small import _deltas
+    from slit_lightning.model.small_encoder import _deltas
 
     band = int(mel["steady"][0].mean(-1).argmax())  # the tone's own mel band
     swing = {k: float(_deltas(m, frames)[0, band].abs().mean()) for k, m in mel.items()}
@@ -537,7 +542,7 @@ def test_bootstrap_needs_a_corpus(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_bootstrap_on_the_default_corpus_tags_well_above_chance(tmp_path: Path) -> None:
-    from slit_lightning.data.synth import synthesize_corpus
+    from slit_lightning.builtin.corpus import synthesize_corpus
 
     synthesize_corpus(tmp_path / "corpus", seed=0)  # 1000 clips x 5 s
     metrics = bootstrap_encoder(tmp_path / "corpus", tmp_path / "encoder", seed=0)

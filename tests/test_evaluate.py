@@ -7,13 +7,13 @@ import lightning
 import pytest
 import torch
 
-from slit_lightning.cli import main
+from slit_lightning.cli.main import main
 from slit_lightning.data.datamodule import AudioTextDataModule
 from slit_lightning.data.sources import SourceSpec, open_source
-from slit_lightning.evaluate import contrastive_accuracy, evaluate
-from slit_lightning.inference import load_stage
-from slit_lightning.llm import Generation
+from slit_lightning.evaluation.tasks import contrastive_accuracy, evaluate
+from slit_lightning.model.llm import Generation
 from slit_lightning.stages import Instruct, Stage1, Stage2
+from slit_lightning.stages.load import load_stage
 from tests.conftest import write_manifest, write_tone
 
 LABELS = ("dog", "rain", "siren")

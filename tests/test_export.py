@@ -12,9 +12,9 @@ import torch
 
 import slit_lightning
 from slit_lightning import SLIT
-from slit_lightning.api import CapabilityError
-from slit_lightning.cli import main
-from slit_lightning.export import CONFIG, ExportError, export_model
+from slit_lightning.cli.main import main
+from slit_lightning.model.export import CONFIG, ExportError, export_model
+from slit_lightning.model.slit import CapabilityError
 from tests.conftest import write_tone
 
 NO_LIGHTNING = """

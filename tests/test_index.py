@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from slit_lightning import SLIT
-from slit_lightning.cli import main
-from slit_lightning.index import DEFAULT_NAME, Index
+from slit_lightning.cli.main import main
+from slit_lightning.evaluation.index import DEFAULT_NAME, Index
 from tests.conftest import write_tone
 
 

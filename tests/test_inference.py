@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from slit_lightning.cli import main
-from slit_lightning.llm import Generation
+from slit_lightning.cli.main import main
+from slit_lightning.model.llm import Generation
 from slit_lightning.stages import Stage2
 from tests.conftest import write_tone
 
@@ -59,7 +59,7 @@ def test_caption_command_prints_a_caption_per_file_and_reports_bad_ones(
     assert "broken.ogg\tskipped:" in captured.err
     # the same captions as the model gives each file alone: batching and padding change nothing
     model = stage2_ckpt[1]
-    from slit_lightning.inference import caption_files
+    from slit_lightning.stages.load import caption_files
 
     alone = [next(caption_files(model.eval(), [f]))[1] for f in files]
     assert [line.split("\t", 1)[1] for line in lines] == alone
@@ -100,8 +100,8 @@ def test_a_runs_checkpoint_finds_its_frozen_models_from_another_directory(
 
     import lightning
 
-    from slit_lightning.inference import load_stage
-    from slit_lightning.llm import LLMConfigError
+    from slit_lightning.model.llm import LLMConfigError
+    from slit_lightning.stages.load import load_stage
 
     run = tmp_path / "project"
     shutil.copytree(tiny_encoder, run / "runs" / "x" / "encoder")

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slit_lightning.llm import FrozenLLM, Generation, LLMConfigError
+from slit_lightning.model.llm import FrozenLLM, Generation, LLMConfigError
 
 KINDS = ["opt", "llama", "t5"]
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slit_lightning.data.synth import synthesize_corpus
-from slit_lightning.llm_small import (
+from slit_lightning.builtin.corpus import synthesize_corpus
+from slit_lightning.builtin.llm import (
     bootstrap_llm,
     corpus_documents,
     generated_documents,
@@ -215,8 +215,8 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(corpus: Path, tmp_pa
 def test_fact_sheets_precede_captions_of_their_own_scene() -> None:
     """Some captions follow their clip's fact sheet, so the LM learns to write what its context
     says (the skill stage 2's soft prompt needs); the caption names exactly the listed events."""
-    from slit_lightning.data.synth_text import fact_sheet
-    from slit_lightning.metrics.events import named_event_types, named_events
+    from slit_lightning.builtin.corpus_text import fact_sheet
+    from slit_lightning.builtin.events import named_event_types, named_events
 
     events = [
         {"type": "rumble", "onset": 0.0, "count": None, "role": "background"},
@@ -240,8 +240,8 @@ def test_fact_sheets_precede_captions_of_their_own_scene() -> None:
 def test_context_reading_scores_what_follows_the_fact_sheet() -> None:
     """A stand-in LM that writes its context again scores 1.0: the scoring reads only the new,
     left-padded tokens."""
-    from slit_lightning.data.synth_text import fact_sheet
-    from slit_lightning.llm_small import context_reading
+    from slit_lightning.builtin.corpus_text import fact_sheet
+    from slit_lightning.builtin.llm import context_reading
 
     class Echo:
         def eval(self) -> None:

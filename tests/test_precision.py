@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from slit_lightning import precision
-from slit_lightning.precision import cpu_autocast, has_bf16_flags, native_bf16
+from slit_lightning.training import precision
+from slit_lightning.training.precision import cpu_autocast, has_bf16_flags, native_bf16
 
 X86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {extra}\nbogomips\t: 4800\n"
 ARM = "processor\t: 0\nFeatures\t: fp asimd {extra}\n"
@@ -38,7 +38,7 @@ def test_configs_ask_for_bf16_only_where_the_cpu_has_it(monkeypatch, native, exp
     """``${cpu_precision:}`` in a stage config resolves to what this CPU runs fast."""
     from omegaconf import OmegaConf
 
-    from slit_lightning.cli import register_resolvers
+    from slit_lightning.cli.main import register_resolvers
 
     monkeypatch.setattr(precision, "native_bf16", lambda: native)
     register_resolvers()

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from slit_lightning import progress
-from slit_lightning.cli import main
+from slit_lightning.cli.main import main
+from slit_lightning.training import progress
 
 
 def test_duration_reads_naturally() -> None:

@@ -20,16 +20,16 @@ from transformers import (
 )
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from slit_lightning.qformer import (
+from slit_lightning.builtin.bert import minilm_path
+from slit_lightning.model.qformer import (
     AttentionMode,
     AudioKV,
     QFormer,
     QFormerConfig,
     StackedAudioKV,
     attention_mask,
-    minilm_path,
 )
-from slit_lightning.qformer_convert import infer_sizes, to_qformer
+from slit_lightning.model.qformer_convert import infer_sizes, to_qformer
 
 H, N, D_AUDIO, VOCAB = 32, 4, 24, 100
 HF_SIZES = dict(

@@ -53,7 +53,7 @@ def _config(folder: Path, encoder, bert, manifest, workers: int, kill: bool) -> 
         "  enable_model_summary: false\n  limit_val_batches: 0\n"
         f"  default_root_dir: {folder}\n"
         "  callbacks:\n"
-        "    - class_path: slit_lightning.checkpointing.RecentCheckpoints\n"
+        "    - class_path: slit_lightning.training.checkpointing.RecentCheckpoints\n"
         f"      init_args: {{dirpath: {folder / 'ckpt'}, every_n_train_steps: 5, keep_last: 2}}\n"
         + kill_callback
     )
@@ -62,7 +62,7 @@ def _config(folder: Path, encoder, bert, manifest, workers: int, kill: bool) -> 
 
 def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "slit_lightning.cli", "fit", "--config", str(config), *extra],
+        [sys.executable, "-m", "slit_lightning.cli.main", "fit", "--config", str(config), *extra],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 

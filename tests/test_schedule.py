@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from slit_lightning.schedule import warmup_cosine
+from slit_lightning.training.schedule import warmup_cosine
 
 
 def _rates(total: int, steps: int) -> list[float]:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slit_lightning.api import SLIT
-from slit_lightning.cli import main
-from slit_lightning.export import ExportError
-from slit_lightning.inference import load_stage, load_stage2
+from slit_lightning.cli.main import main
+from slit_lightning.model.export import ExportError
+from slit_lightning.model.slit import SLIT
+from slit_lightning.model.state import CheckpointError, check_state, read_checkpoint
 from slit_lightning.stages import Instruct, Stage1, Stage2
-from slit_lightning.state_check import CheckpointError, check_state, read_checkpoint
+from slit_lightning.stages.load import load_stage, load_stage2
 
 SIZES = {"num_queries": 4, "qformer_layers": 2}
 

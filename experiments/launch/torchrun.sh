@@ -16,5 +16,5 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}"
 exec python -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  -m slit_lightning.cli fit "$@" \
+  -m slit_lightning.cli.main fit "$@" \
   --trainer.num_nodes "$NNODES" --trainer.devices "$GPUS_PER_NODE"

@@ -7,9 +7,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from slit_lightning.data.cache_features import write_feature_cache
 from slit_lightning.data.datamodule import AudioTextDataModule
-from slit_lightning.data.features import STALE, cache_folder, write_feature_cache
-from slit_lightning.encoders import HFAudioEncoder
+from slit_lightning.data.features import STALE, cache_folder
+from slit_lightning.model.encoders import HFAudioEncoder
 from tests.conftest import write_manifest, write_tone
 
 

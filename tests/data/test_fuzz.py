@@ -14,7 +14,7 @@ import soundfile as sf
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from slit_lightning.cli import main
+from slit_lightning.cli.main import main
 from slit_lightning.data.audio import AUDIO_SUFFIXES, AudioError, load_audio
 from slit_lightning.data.datamodule import AudioTextDataModule
 from slit_lightning.data.sources import SourceSpec

@@ -13,8 +13,9 @@ import soundfile as sf
 from hypothesis import given
 from hypothesis import strategies as st
 
-from slit_lightning.data import synth, synth_text
-from slit_lightning.data.synth import SPLITS, split_sizes, synthesize_corpus
+from slit_lightning.builtin import corpus as synth
+from slit_lightning.builtin import corpus_text as synth_text
+from slit_lightning.builtin.corpus import SPLITS, split_sizes, synthesize_corpus
 
 SMALL = {"clips": 40, "clip_seconds": 2.0}
 ROW_KEYS = {"id", "audio", "captions", "labels", "qa", "events", "background", "duration"}
@@ -332,7 +333,7 @@ def test_bad_arguments_raise_a_clear_error(tmp_path: Path, kwargs: dict, message
 
 
 def test_corpus_captions_name_exactly_their_clips_events(corpus: Path) -> None:
-    from slit_lightning.metrics.events import event_agreement
+    from slit_lightning.builtin.events import event_agreement
 
     rows = read_rows(corpus, ("train", "val", "test", "zeroshot"))
     captions = [c for row in rows for c in row["captions"]]

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slit_lightning.data import synth, synth_text
-from slit_lightning.metrics.events import (
+from slit_lightning.builtin import corpus as synth
+from slit_lightning.builtin import corpus_text as synth_text
+from slit_lightning.builtin.events import (
     breakdown_captions_file,
     event_agreement,
     event_breakdown,

@@ -87,7 +87,7 @@ class Record(L.Callback):
 
 def strategy(name: str) -> Any:
     if name == "fsdp":
-        from slit_lightning.strategies import BlockFSDPStrategy
+        from slit_lightning.training.strategies import BlockFSDPStrategy
 
         return BlockFSDPStrategy(state_dict_type="full")
     return "ddp" if name == "ddp" else "auto"

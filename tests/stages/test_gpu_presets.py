@@ -81,7 +81,7 @@ def _config(folder: Path, models: dict[str, Path], manifest: Path) -> Path:
         "  enable_model_summary: false\n  limit_val_batches: 0\n  gradient_clip_val: 1.0\n"
         f"  default_root_dir: {folder}\n"
         "  callbacks:\n"
-        "    - class_path: slit_lightning.checkpointing.RecentCheckpoints\n"
+        "    - class_path: slit_lightning.training.checkpointing.RecentCheckpoints\n"
         f"      init_args: {{dirpath: {folder / 'ckpt'}, every_n_train_steps: 4, keep_last: 1}}\n"
         "    - class_path: tests.stages.test_gpu_presets.LossLog\n"
         f"      init_args: {{path: {folder / 'record.json'}}}\n"
@@ -91,7 +91,7 @@ def _config(folder: Path, models: dict[str, Path], manifest: Path) -> Path:
 
 def _slit(*args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, "-m", "slit_lightning.cli", *args],
+        [sys.executable, "-m", "slit_lightning.cli.main", *args],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

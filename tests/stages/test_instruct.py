@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from slit_lightning.data.datamodule import AudioTextDataModule
-from slit_lightning.llm import Generation
+from slit_lightning.model.llm import Generation
 from slit_lightning.stages import Instruct
 from slit_lightning.stages.base import CheckpointError
 from tests.conftest import write_manifest

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from slit_lightning.model.state import CheckpointError
 from slit_lightning.stages import Stage2
-from slit_lightning.state_check import CheckpointError
-from slit_lightning.strategies import (
+from slit_lightning.training.strategies import (
     BlockFSDPStrategy,
     llm_block_classes,
     load_sharded_model_state,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from slit_lightning.data.datamodule import AudioTextDataModule
-from slit_lightning.llm import Generation
 from slit_lightning.metrics.captioning import spice_missing_reason
+from slit_lightning.model.llm import Generation
 from slit_lightning.stages import Stage1, Stage2
 from tests.stages.conftest import QFORMER
 
@@ -122,7 +122,7 @@ def test_fit_scores_captions_and_checkpoints_by_reference(stage2, clip_dir, tmp_
 def test_refuses_a_stage1_of_another_encoder_or_a_missing_file(
     tiny_encoder, tiny_bert, tiny_llm_factory, tmp_path
 ):
-    from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
+    from slit_lightning.model.small_encoder import SmallAudioConfig, SmallAudioModel
 
     other = tmp_path / "other_encoder"
     torch.manual_seed(5)

@@ -52,15 +52,15 @@ def bench_feature_cache(
     preset: str, clips: int = 16, seconds: float = 10.0, batch_size: int = 8, repeats: int = 2
 ) -> dict[str, Any]:
     """Input side of a training epoch: decode + encode against reading the feature cache."""
+    from slit_lightning.data.cache_features import write_feature_cache
     from slit_lightning.data.datamodule import AudioTextDataModule
-    from slit_lightning.data.features import write_feature_cache
-    from slit_lightning.encoders import HFAudioEncoder
+    from slit_lightning.model.encoders import HFAudioEncoder
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         manifest = write_clips(root, clips, seconds)
         if preset == "tiny":  # tests: the project's small encoder at toy size
-            from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
+            from slit_lightning.model.small_encoder import SmallAudioConfig, SmallAudioModel
 
             SmallAudioModel(SmallAudioConfig(hidden_size=32, num_hidden_layers=1)).save_pretrained(
                 root / "encoder"

@@ -10,7 +10,7 @@ import torch
 
 from slit_lightning.bench.measure import interleaved, under
 from slit_lightning.bench.stage1 import PRESETS
-from slit_lightning.qformer import QFormer, QFormerConfig
+from slit_lightning.model.qformer import QFormer, QFormerConfig
 
 
 def _pair(preset: str, num_queries: int) -> tuple[QFormer, Any, torch.nn.Parameter]:

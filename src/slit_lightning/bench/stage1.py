@@ -60,8 +60,8 @@ def save_models(folder: Path, preset: dict[str, int], audio_width: int) -> Path:
     built-in encoder of width ``audio_width``, saved where the stages load them from."""
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    from slit_lightning.encoder_small import SmallAudioConfig, SmallAudioModel
-    from slit_lightning.qformer import minilm_path
+    from slit_lightning.builtin.bert import minilm_path
+    from slit_lightning.model.small_encoder import SmallAudioConfig, SmallAudioModel
 
     AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(folder / "bert")
     bert = BertConfig(
@@ -193,7 +193,7 @@ def bench_cpu_attention_kernel(
     ``qformer_layers.CPU_MATH_ATTENTION`` chooses) against the kernel PyTorch picks itself, at
     both precisions; the same weights and batch, timed in turn. ``shape``: sizes as
     :data:`DEMO_STAGE1` (the default)."""
-    from slit_lightning import qformer_layers
+    from slit_lightning.model import qformer_layers
 
     shape = {**DEMO_STAGE1, **(shape or {})}
     torch.manual_seed(0)

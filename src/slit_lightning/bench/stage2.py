@@ -38,7 +38,7 @@ def save_llm(folder: Path, preset: str) -> Path:
     """An OPT-shaped causal LM with random weights and a small BPE tokenizer, saved locally."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from slit_lightning.llm_small import train_tokenizer
+    from slit_lightning.builtin.llm import train_tokenizer
 
     layers, width, heads, vocab = LLM_SIZES[preset]
     words = [f"sound {i} then a long tone number {i * 7} over noise" for i in range(200)]

@@ -18,11 +18,13 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from slit_lightning.errors import SLITError
+
 #: File suffixes the sources treat as audio.
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 
 
-class AudioError(Exception):
+class AudioError(SLITError):
     """A clip that cannot be used; ``reason`` is a short category used for skip counting."""
 
     def __init__(self, name: str, reason: str, detail: str = "") -> None:

@@ -1,7 +1,7 @@
 """Frozen-feature cache: each clip's encoder output computed once and read back instead of audio.
 
 The audio encoder never trains, so its output for a clip never changes. ``slit cache-features``
-(:func:`write_feature_cache`) runs it once over the configured splits and stores every clip's
+(:func:`slit_lightning.data.cache_features.write_feature_cache`) runs it once over the configured splits and stores every clip's
 frames; a stage whose data module names the cache folder (``data.feature_cache``) then reads them
 and skips decoding, resampling and the encoder altogether.
 
@@ -32,22 +32,15 @@ import json
 import logging
 import math
 import os
-import sys
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from slit_lightning.data.sources import Clip, Skip
-
-if TYPE_CHECKING:
-    from slit_lightning.data.datamodule import AudioTextDataModule, Split
-    from slit_lightning.encoders import AudioEncoder
 
 log = logging.getLogger(__name__)
 
@@ -173,88 +166,3 @@ def open_feature_cache(root: str | Path, identity: str) -> dict[str, FeatureSpli
     if meta.get("identity") != identity or meta.get("format") != FORMAT:
         return {}  # a digest collision or an older format: never read features of another encoder
     return {split: FeatureSplit(folder, split, identity) for split in meta["splits"]}
-
-
-def write_feature_cache(
-    encoder: AudioEncoder,
-    datamodule: AudioTextDataModule,
-    splits: list[Split],
-    root: str | Path,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, dict[str, int]]:
-    """Encode every clip of ``splits`` once and store the frames under ``root``.
-
-    Clips are read whole (up to the encoder's own window), in evaluation order, through the data
-    module's loaders, so bad input is skipped and counted as in training and recorded in the
-    index with its reason. Each split's frames go to a new file that its index, replaced
-    atomically, then names; an interrupted run leaves the previous cache intact.
-
-    Returns per split the number of clips cached, skipped and frames stored.
-    """
-    folder = cache_folder(root, encoder.identity)
-    folder.mkdir(parents=True, exist_ok=True)
-    window = getattr(encoder, "max_seconds", None)
-    rate = datamodule.hparams.sample_rate
-    limit = None if window is None else round(window * rate)
-    device = next(encoder.parameters()).device
-    counts: dict[str, dict[str, int]] = {}
-    total = sum(
-        datamodule.stream(s, limit or sys.maxsize).estimated_batches(0) or 0 for s in splits
-    )
-    step = 0
-    for split in splits:
-        loader = datamodule.loader(split, limit or sys.maxsize)
-        data_name = f"{split}.{uuid.uuid4().hex[:8]}.f16"
-        clips: dict[str, list[Any]] = {}
-        offset, width = 0, 0
-        with open(folder / data_name, "wb") as out, torch.no_grad():
-            for batch in loader:
-                frames, mask = encoder(batch["audio"].to(device), batch["audio_mask"].to(device))
-                width = frames.shape[-1]
-                lengths = mask.sum(-1).tolist()
-                samples = batch["audio_mask"].sum(-1).tolist()
-                for b, clip_id in enumerate(batch["clip_id"]):
-                    out.write(frames[b, : lengths[b]].to(torch.float16).cpu().numpy().tobytes())
-                    clips[clip_id] = [
-                        offset,
-                        lengths[b],
-                        samples[b] / rate,
-                        batch["fingerprint"][b],
-                    ]
-                    offset += lengths[b]
-                step += 1
-                if progress is not None:
-                    progress(step, max(total, step))
-            out.flush()
-            os.fsync(out.fileno())
-        skipped = {skip.name: [skip.reason, skip.detail] for skip in loader.skips}
-        index = {"data": data_name, "width": width, "frames": offset, "clips": clips,
-                 "skipped": skipped}  # fmt: skip
-        index_path = folder / f"{split}.json"
-        previous = (
-            json.loads(index_path.read_text("utf-8"))["data"] if index_path.is_file() else None
-        )
-        _replace_json(index_path, index)  # the switch to the new data file
-        # a job that opened the previous index may still read its file: keep that one, drop older
-        for old in folder.glob(f"{split}.*.f16"):
-            if old.name not in (data_name, previous):
-                old.unlink()
-        meta_path = folder / "cache.json"
-        done = json.loads(meta_path.read_text("utf-8"))["splits"] if meta_path.is_file() else []
-        meta = {"format": FORMAT, "identity": encoder.identity, "width": width,
-                "splits": sorted({*done, split})}  # fmt: skip
-        _replace_json(meta_path, meta)
-        counts[split] = {"clips": len(clips), "skipped": len(skipped), "frames": offset}
-        log.info("%s: cached %d clips (%d frames), %d skipped", split, len(clips), offset,
-                 len(skipped))  # fmt: skip
-    return counts
-
-
-def _replace_json(path: Path, value: Any) -> None:
-    """Write ``path`` so that a reader sees the old or the new content, never a partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slit_lightning.data.sources import Skip
+from slit_lightning.errors import SLITError
 
 
-class TooManySkipsError(RuntimeError):
+class TooManySkipsError(SLITError, RuntimeError):
     """More than the allowed fraction of records was unusable."""
 
 

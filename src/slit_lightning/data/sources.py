@@ -44,6 +44,7 @@ import fsspec
 import webdataset as wds
 
 from slit_lightning.data.audio import AUDIO_SUFFIXES
+from slit_lightning.errors import SLITError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ CAPTION_COLUMNS = {"caption", "captions", "caption_1"}
 OTHER_TEXT_COLUMNS = {"labels", "qa", "instruction"}
 
 
-class DataConfigError(ValueError):
+class DataConfigError(SLITError, ValueError):
     """A data source that cannot be used at all: the message names the file and the fix."""
 
 

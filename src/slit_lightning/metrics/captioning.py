@@ -47,6 +47,8 @@ from pycocoevalcap.spice import get_stanford_models as _stanford
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from slit_lightning.errors import SLITError
+
 METRICS = (
     "bleu_1",
     "bleu_2",
@@ -195,7 +197,7 @@ def _check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]
                 raise ValueError(f"references[{i}][{j}] is an empty caption; remove it or fix it")
 
 
-class JavaNotFoundError(RuntimeError):
+class JavaNotFoundError(SLITError, RuntimeError):
     """No ``java`` on PATH: the COCO caption metrics cannot run."""
 
 

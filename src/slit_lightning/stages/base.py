@@ -12,38 +12,20 @@ from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from slit_lightning.checkpointing import NonFiniteGuard, RNGState
-from slit_lightning.encoders import AudioEncoder, HFAudioEncoder
-from slit_lightning.state_check import CheckpointError, check_state
+from slit_lightning.model.encoders import AudioEncoder, HFAudioEncoder
+from slit_lightning.model.state import (
+    FROZEN_REFERENCES,
+    STAGE_KEY,
+    CheckpointError,
+    check_state,
+    frozen_references,
+    stage_of,
+)
+from slit_lightning.training.checkpointing import NonFiniteGuard, RNGState
 
 __all__ = ["CheckpointError", "SLITStage", "frozen_references", "stage_of", "warmup_cosine"]
 
 log = logging.getLogger(__name__)
-
-FROZEN_REFERENCES = "slit_frozen_references"
-LEGACY_ENCODER_REFERENCE = "slit_encoder_reference"  # checkpoints written before the LLM joined
-STAGE_KEY = "slit_stage"
-
-
-def frozen_references(checkpoint: dict[str, Any]) -> dict[str, str]:
-    """The identities of the frozen parts a checkpoint was trained with (empty if none recorded)."""
-    if FROZEN_REFERENCES in checkpoint:
-        return dict(checkpoint[FROZEN_REFERENCES])
-    if LEGACY_ENCODER_REFERENCE in checkpoint:
-        return {"encoder": checkpoint[LEGACY_ENCODER_REFERENCE]}
-    return {}
-
-
-def stage_of(checkpoint: dict[str, Any]) -> str | None:
-    """The stage class (``Stage1``, ``Stage2``, ``Instruct``) that wrote a checkpoint: as recorded,
-    or read from its hyper-parameters (older checkpoints); None for anything else."""
-    if isinstance(checkpoint.get(STAGE_KEY), str):
-        return checkpoint[STAGE_KEY]
-    hparams = checkpoint.get("hyper_parameters") or {}
-    for key, stage in (("held_out_tasks", "Instruct"), ("llm", "Stage2"), ("embed_dim", "Stage1")):
-        if key in hparams:
-            return stage
-    return None
 
 
 class SLITStage(LightningModule):
@@ -65,7 +47,7 @@ class SLITStage(LightningModule):
         betas: AdamW betas.
         save_encoder_weights: also store the frozen encoder's weights in checkpoints.
         max_nonfinite_steps: training steps with a NaN/inf loss are skipped; this many in a row
-            stop the run (see :class:`slit_lightning.checkpointing.NonFiniteGuard`).
+            stop the run (see :class:`slit_lightning.training.checkpointing.NonFiniteGuard`).
     """
 
     def __init__(

@@ -31,10 +31,10 @@ from slit_lightning.instructions import (
     evaluation_examples,
 )
 from slit_lightning.metrics.answers import answer_rows, score_answers
-from slit_lightning.qformer import AudioKV
+from slit_lightning.model.qformer import AudioKV
+from slit_lightning.model.state import check_state
 from slit_lightning.stages.base import CheckpointError, frozen_references
 from slit_lightning.stages.stage2 import Stage2, _gather, _scored_on_rank_zero
-from slit_lightning.state_check import check_state
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from slit_lightning.losses import (
     sample_hard_negatives,
 )
 from slit_lightning.metrics.retrieval import retrieval_metrics
-from slit_lightning.qformer import AudioKV, QFormer, StackedAudioKV
+from slit_lightning.model.qformer import AudioKV, QFormer, StackedAudioKV
 from slit_lightning.stages.base import SLITStage
 
 

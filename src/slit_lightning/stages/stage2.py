@@ -2,7 +2,7 @@
 
 The queries read the audio (the stage-1 uni-modal path), a linear layer maps them to the LLM's
 width, and the LLM learns nothing: only the Q-Former's query path and the projection train, on
-the LLM's loss for the caption (see :class:`~slit_lightning.llm.FrozenLLM` for the layout).
+the LLM's loss for the caption (see :class:`~slit_lightning.model.llm.FrozenLLM` for the layout).
 Validation and test generate a caption per clip and score it against all of the clip's
 references with the captioning metrics.
 """
@@ -18,11 +18,11 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from slit_lightning.llm import FrozenLLM, Generation
 from slit_lightning.metrics.captioning import CaptionScores, caption_metrics, require_java
-from slit_lightning.qformer import AudioKV, QFormer
+from slit_lightning.model.llm import FrozenLLM, Generation
+from slit_lightning.model.qformer import AudioKV, QFormer
+from slit_lightning.model.state import check_state, read_checkpoint
 from slit_lightning.stages.base import CheckpointError, SLITStage, frozen_references, stage_of
-from slit_lightning.state_check import check_state, read_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slit_lightning.data.audio import AudioError, crop, load_audio, pad_batch, seconds_to_samples
-from slit_lightning.llm import Generation
+from slit_lightning.model.llm import Generation
+from slit_lightning.model.state import read_checkpoint
 from slit_lightning.stages import Instruct, SLITStage, Stage1, Stage2
 from slit_lightning.stages.base import CheckpointError, stage_of
-from slit_lightning.state_check import read_checkpoint
 
 if TYPE_CHECKING:
-    from slit_lightning.api import SLIT
-    from slit_lightning.parts import ContrastiveHeads, TextGenerator
+    from slit_lightning.model.heads import ContrastiveHeads, TextGenerator
+    from slit_lightning.model.slit import SLIT
 
 
 def load_stage(
@@ -160,10 +160,10 @@ def load_slit(
     encoder: str | None = None,
     llm: str | None = None,
 ) -> SLIT:
-    """A training checkpoint as a :class:`~slit_lightning.api.SLIT` (plain modules, no
+    """A training checkpoint as a :class:`~slit_lightning.model.slit.SLIT` (plain modules, no
     LightningModule kept); ``stage1`` adds a stage-1 checkpoint's contrastive heads to a
     stage-2 / instruction-tuned one. Use ``SLIT.from_pretrained``, which calls this."""
-    from slit_lightning.api import SLIT
+    from slit_lightning.model.slit import SLIT
 
     stage = load_stage(ckpt, device, encoder, llm)
     hp = stage.hparams
@@ -196,7 +196,7 @@ def load_slit(
 
 
 def _heads(stage: Stage1) -> ContrastiveHeads:
-    from slit_lightning.parts import ContrastiveHeads
+    from slit_lightning.model.heads import ContrastiveHeads
 
     hp = stage.hparams
     return ContrastiveHeads(
@@ -211,7 +211,7 @@ def _heads(stage: Stage1) -> ContrastiveHeads:
 
 
 def _generator(stage: Stage2) -> TextGenerator:
-    from slit_lightning.parts import TextGenerator
+    from slit_lightning.model.heads import TextGenerator
 
     instructed = isinstance(stage, Instruct)
     return TextGenerator(

@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from transformers import PreTrainedModel
 
-from slit_lightning.state_check import CheckpointError
+from slit_lightning.model.state import CheckpointError
 
 
 def frozen_models(model: nn.Module) -> list[PreTrainedModel]:

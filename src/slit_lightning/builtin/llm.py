@@ -45,10 +45,11 @@ import torch
 from torch import Tensor
 
 from slit_lightning.atomic import save_folder_atomic
-from slit_lightning.data import synth, synth_text
+from slit_lightning.builtin import corpus as synth
+from slit_lightning.builtin import corpus_text as synth_text
 from slit_lightning.instructions import ClipText, InstructionMix
-from slit_lightning.precision import cpu_autocast, native_bf16
-from slit_lightning.schedule import warmup_cosine
+from slit_lightning.training.precision import cpu_autocast, native_bf16
+from slit_lightning.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -336,14 +337,14 @@ def context_reading(
     batch_size: int = 64,
 ) -> dict[str, float]:
     """How well the LM writes what its context says: greedy captions after each clip's fact
-    sheet (:func:`~slit_lightning.data.synth_text.fact_sheet`), scored with
-    :func:`~slit_lightning.metrics.events.event_agreement` against the clip's events.
+    sheet (:func:`~slit_lightning.builtin.corpus_text.fact_sheet`), scored with
+    :func:`~slit_lightning.builtin.events.event_agreement` against the clip's events.
 
     Stage 2 relies on this skill: its soft prompt only helps if the LLM writes what comes before
     the caption. A pretrained LLM has it; a small LM trained on too few steps names plausible
     events whatever its context says.
     """
-    from slit_lightning.metrics.events import event_agreement
+    from slit_lightning.builtin.events import event_agreement
 
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -454,7 +455,7 @@ def bootstrap_llm(
         batch_size: windows of ``block_size`` tokens per step.
         lr: peak learning rate.
         bf16: train under bf16 autocast (float32 weights and loss); None: where the CPU
-            multiplies bf16 natively (:func:`slit_lightning.precision.native_bf16`).
+            multiplies bf16 natively (:func:`slit_lightning.training.precision.native_bf16`).
         progress: called as ``progress(step, total_steps)`` after every optimizer step.
 
     Returns:

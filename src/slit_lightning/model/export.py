@@ -33,13 +33,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
-from slit_lightning.api import SLIT
 from slit_lightning.atomic import save_folder_atomic
-from slit_lightning.encoders import HFAudioEncoder
-from slit_lightning.llm import FrozenLLM, Generation
-from slit_lightning.parts import ContrastiveHeads, TextGenerator
-from slit_lightning.qformer import QFormer, QFormerConfig
-from slit_lightning.state_check import check_state
+from slit_lightning.errors import SLITError
+from slit_lightning.model.encoders import HFAudioEncoder
+from slit_lightning.model.heads import ContrastiveHeads, TextGenerator
+from slit_lightning.model.llm import FrozenLLM, Generation
+from slit_lightning.model.qformer import QFormer, QFormerConfig
+from slit_lightning.model.slit import SLIT
+from slit_lightning.model.state import check_state
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer"
 
 
-class ExportError(ValueError):
+class ExportError(SLITError, ValueError):
     """An export folder that cannot be written or read; the message says what to do."""
 
 

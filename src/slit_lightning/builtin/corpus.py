@@ -26,7 +26,6 @@ captions use wordings that no other caption uses. Same arguments, byte-identical
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,9 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from slit_lightning.data import synth_text
-from slit_lightning.data.synth_text import EVENT_LABELS
+from slit_lightning.atomic import write_file_atomic
+from slit_lightning.builtin import corpus_text as synth_text
+from slit_lightning.builtin.corpus_text import EVENT_LABELS
 
 GENERATOR_VERSION = "slit-synth-1"
 SPLITS = ("train", "val", "test", "zeroshot")
@@ -157,11 +157,11 @@ def synthesize_corpus(
             if progress is not None:
                 progress(done, total)
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        _atomic_write(
+        write_file_atomic(
             out / f"{split}.jsonl", lambda tmp, t=text: tmp.write_text(t, encoding="utf-8")
         )
     meta = json.dumps(_metadata(settings, sizes, pairs), indent=2) + "\n"
-    _atomic_write(out / "corpus.json", lambda tmp: tmp.write_text(meta, encoding="utf-8"))
+    write_file_atomic(out / "corpus.json", lambda tmp: tmp.write_text(meta, encoding="utf-8"))
     return sizes
 
 
@@ -169,7 +169,7 @@ def _metadata(
     settings: _Settings, sizes: dict[str, int], pairs: list[tuple[str, str]]
 ) -> dict[str, Any]:
     return {
-        "generator": "slit_lightning.data.synth",
+        "generator": "slit_lightning.builtin.corpus",
         "version": GENERATOR_VERSION,
         "seed": settings.seed,
         "sample_rate": settings.sample_rate,
@@ -183,17 +183,6 @@ def _metadata(
         "impulse_peak_offset_db": IMPULSE_PEAK_OFFSET_DB,
         "background_db": BACKGROUND_DB,
     }
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    # A crash leaves at most a hidden temp file, never a truncated file under the final name.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def render_scenes(
@@ -244,7 +233,7 @@ def _make_clip(
     clip_id = f"{split}-{index:06d}"
     rel = f"audio/{split}/{clip_id}.{settings.audio_format}"
     fmt = settings.audio_format.upper()
-    _atomic_write(
+    write_file_atomic(
         out / rel,
         lambda tmp: sf.write(tmp, audio, settings.sample_rate, format=fmt, subtype="PCM_16"),
     )

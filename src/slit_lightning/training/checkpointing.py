@@ -30,9 +30,10 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-log = logging.getLogger(__name__)
+from slit_lightning.atomic import TEMP_MARK, write_file_atomic
+from slit_lightning.errors import SLITError
 
-TEMP_MARK = ".tmp-"
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -51,16 +52,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target.parent)
-        tmp = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
-        try:
-            with open(tmp, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_folder(target.parent)
+        write_file_atomic(target, lambda tmp: _torch_save(checkpoint, tmp))
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
@@ -72,6 +64,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             map_location=map_location,
             weights_only=True if weights_only is None else weights_only,
         )
+
+
+def _torch_save(checkpoint: dict[str, Any], path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(checkpoint, handle)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -94,20 +91,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class RecentCheckpoints(ModelCheckpoint):
@@ -149,7 +132,7 @@ class RecentCheckpoints(ModelCheckpoint):
         self._save_last_checkpoint(trainer, candidates)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(SLITError, RuntimeError):
     """Too many training steps in a row had a NaN or infinite loss."""
 
 

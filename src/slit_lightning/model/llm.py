@@ -34,13 +34,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from slit_lightning.encoders import _quiet_transformers
+from slit_lightning.errors import SLITError
 from slit_lightning.losses import generation_loss, sequence_losses
+from slit_lightning.model.encoders import _quiet_transformers
 
 IGNORE_INDEX = -100  # label of positions without a loss (transformers' convention)
 
 
-class LLMConfigError(ValueError):
+class LLMConfigError(SLITError, ValueError):
     """An LLM name, dtype or tokenizer that cannot be used; the message says what to change."""
 
 

@@ -12,10 +12,10 @@
     model.similarity(["a.wav", "b.wav"], ["rain", "a dog"])  # (2, 2)
 
 A :class:`SLIT` holds plain ``nn.Module``s: the frozen audio encoder and one or both of
-:class:`~slit_lightning.parts.ContrastiveHeads` (stage 1's Q-Former and projections: embeddings,
-similarity, search, contrastive classification) and :class:`~slit_lightning.parts.TextGenerator`
+:class:`~slit_lightning.model.heads.ContrastiveHeads` (stage 1's Q-Former and projections: embeddings,
+similarity, search, contrastive classification) and :class:`~slit_lightning.model.heads.TextGenerator`
 (a stage-2 or instruction-tuned Q-Former, the projection and the frozen LLM: captions, answers,
-generative classification). An exported folder (:mod:`slit_lightning.export`) loads without
+generative classification). An exported folder (:mod:`slit_lightning.model.export`) loads without
 Lightning; a training checkpoint goes through its stage class once, then only the modules are
 kept.
 """
@@ -41,15 +41,16 @@ from slit_lightning.data.audio import (
     seconds_to_samples,
     to_mono,
 )
-from slit_lightning.encoders import AudioEncoder
-from slit_lightning.llm import Generation
-from slit_lightning.parts import ContrastiveHeads, TextGenerator
+from slit_lightning.errors import SLITError
+from slit_lightning.model.encoders import AudioEncoder
+from slit_lightning.model.heads import ContrastiveHeads, TextGenerator
+from slit_lightning.model.llm import Generation
 
 #: what the ``audio`` argument of every method accepts
 Audio = str | Path | Sequence[str | Path] | np.ndarray | Tensor | Sequence[np.ndarray | Tensor]
 
 
-class CapabilityError(ValueError):
+class CapabilityError(SLITError, ValueError):
     """A method the loaded model cannot serve; the message names the checkpoint that would."""
 
 
@@ -124,10 +125,10 @@ class SLIT:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = Path(path)
         if path.is_dir():
-            from slit_lightning.export import load_exported
+            from slit_lightning.model.export import load_exported
 
             return load_exported(path, device)
-        from slit_lightning.inference import load_slit
+        from slit_lightning.stages.load import load_slit
 
         return load_slit(path, device, stage1, encoder, llm)
 

@@ -15,7 +15,7 @@ transformers audio model with its own feature extractor; ``HFAudioEncoder.from_p
   mask when the extractor says the model was trained with one, else clips of equal length together
   and unpadded (zero padding would change group-norm statistics; data2vec-audio's positional
   convolutions read padded frames even under a mask).
-- ``slit_small_audio``: the project's own :class:`~slit_lightning.encoder_small.SmallAudioModel`.
+- ``slit_small_audio``: the project's own :class:`~slit_lightning.model.small_encoder.SmallAudioModel`.
 
 Every family gives a clip the same features whatever its batch-mates, so features can be cached
 per clip under :attr:`AudioEncoder.identity`.
@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from transformers import AutoFeatureExtractor, AutoModel, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from slit_lightning.encoder_bootstrap import bootstrap_encoder
-from slit_lightning.encoder_small import SMALL_MODEL_TYPE, SmallAudioConfig, SmallAudioModel
+from slit_lightning.errors import SLITError
+from slit_lightning.model.small_encoder import SMALL_MODEL_TYPE, SmallAudioConfig, SmallAudioModel
 
 __all__ = [
     "AudioEncoder",
@@ -44,7 +44,6 @@ __all__ = [
     "HFAudioEncoder",
     "SmallAudioConfig",
     "SmallAudioModel",
-    "bootstrap_encoder",
     "prefix_mask",
     "supported_model_types",
 ]
@@ -56,7 +55,7 @@ _NO_MASKING = ("data2vec-audio",)
 _UNUSED_WEIGHTS = ("masked_spec_embed",)
 
 
-class EncoderConfigError(ValueError):
+class EncoderConfigError(SLITError, ValueError):
     """An encoder name, layer or checkpoint that cannot be used; the message says what to change."""
 
 

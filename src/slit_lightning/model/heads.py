@@ -1,4 +1,4 @@
-"""The plain modules a :class:`~slit_lightning.api.SLIT` holds besides the frozen encoder.
+"""The plain modules a :class:`~slit_lightning.model.slit.SLIT` holds besides the frozen encoder.
 
 - :class:`ContrastiveHeads`: stage 1's Q-Former with its projections into the shared space
   (embeddings, similarity, search, contrastive classification);
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slit_lightning.instructions import TASKS
-from slit_lightning.llm import FrozenLLM, Generation
-from slit_lightning.qformer import QFormer
+from slit_lightning.model.llm import FrozenLLM, Generation
+from slit_lightning.model.qformer import QFormer
 
 CAPTION_INSTRUCTION = TASKS["caption"][0][0]  # what instruction tuning trained captions with
 CLASSIFY_INSTRUCTION = TASKS["classify"][0][0]

@@ -1,4 +1,4 @@
-"""The `slit` sub-commands built on the Python API (:class:`slit_lightning.api.SLIT`).
+"""The `slit` sub-commands built on the Python API (:class:`slit_lightning.model.slit.SLIT`).
 
 - ``slit classify FILE... --labels "dog,rain,siren" --ckpt PATH`` prints each file's best label
   and every label's score;
@@ -30,7 +30,7 @@ def _model_arguments(parser: Any, required: bool = True) -> None:
 
 
 def _load(cfg: Any, path: str | None = None) -> Any:
-    from slit_lightning.api import SLIT
+    from slit_lightning.model.slit import SLIT
 
     return SLIT.from_pretrained(
         path or cfg.ckpt, cfg.device, stage1=cfg.stage1, encoder=cfg.encoder, llm=cfg.llm
@@ -63,8 +63,8 @@ def classify_parser() -> Any:
 
 def classify_command(argv: list[str]) -> None:
     """Run ``slit classify``: ``file<TAB>best<TAB>label score ...`` (best first) per file."""
-    from slit_lightning.api import parse_labels
     from slit_lightning.data.audio import AudioError
+    from slit_lightning.model.slit import parse_labels
 
     cfg = classify_parser().parse_args(argv)
     try:
@@ -118,8 +118,8 @@ def export_parser() -> Any:
 
 def export_command(argv: list[str]) -> None:
     """Run ``slit export``."""
-    from slit_lightning import progress
-    from slit_lightning.export import export_model
+    from slit_lightning.model.export import export_model
+    from slit_lightning.training import progress
 
     cfg = export_parser().parse_args(argv)
     model = _load(cfg)
@@ -163,8 +163,8 @@ def index_parser() -> Any:
 
 def index_command(argv: list[str]) -> None:
     """Run ``slit index build|search``."""
-    from slit_lightning import progress
-    from slit_lightning.index import Index, build_index, search
+    from slit_lightning.evaluation.index import Index, build_index, search
+    from slit_lightning.training import progress
 
     cfg = index_parser().parse_args(argv)
     sub = cfg[cfg.command]
@@ -198,7 +198,7 @@ class ExportedGenerator:
     ``slit ask`` drive (the stage modules' ``caption(batch)`` / ``answer(batch, ...)``)."""
 
     def __init__(self, folder: str, device: str) -> None:
-        from slit_lightning.api import SLIT
+        from slit_lightning.model.slit import SLIT
 
         self.model = SLIT.from_pretrained(folder, device)
         self.generator = self.model._need_generator("slit caption / slit ask")

@@ -1,4 +1,4 @@
-"""The project's own small audio encoder (trained once by :mod:`slit_lightning.encoder_bootstrap`).
+"""The project's own small audio encoder (trained once by :mod:`slit_lightning.builtin.encoder_bootstrap`).
 
 The built-in default must run offline, where no pretrained audio encoder can be downloaded, so the
 project trains a small one itself (``slit bootstrap encoder``) and saves it as ``config.json`` +
@@ -26,25 +26,58 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
-from slit_lightning.encoder_counts import CountReadout
-
-__all__ = ["BUILTIN_SIZES", "SMALL_MODEL_TYPE", "SmallAudioConfig", "SmallAudioModel"]
+__all__ = ["SMALL_MODEL_TYPE", "CountReadout", "SmallAudioConfig", "SmallAudioModel"]
 
 SMALL_MODEL_TYPE = "slit_small_audio"
-# What `slit bootstrap encoder` trains by default. Measured on the built-in corpus's 700 train clips
-# (val mAP after 10 epochs, one seed): kernel 3 with dropout 0.1 0.78, dropout 0 0.80, kernel 7
-# with dropout 0 0.85 (kernel 11: 0.80). Deltas at scale 4 (the tagger on 2.5-s windows, 8
-# epochs, val + test clips): mAP 0.974 against 0.936 without deltas and 0.945 at scale 1; average
-# precision of tremolo tones 0.93 against 0.71, of pure tones 0.86 against 0.68. The count
-# readout (encoder_counts.py) counts the corpus's beeps, clicks and knocks (1 to 5 each).
-BUILTIN_SIZES: dict[str, Any] = {
-    "conv_kernel_size": 7,
-    "delta_scale": 4.0,
-    "dropout": 0.0,
-    "count_types": ["beeps", "clicks", "knocks"],
-}
 _LOG_FLOOR = 1e-8  # power floor before the log: digital silence maps to a finite value
 _LOG_SHIFT, _LOG_SCALE = 8.0, 8.0  # log-mel of the built-in corpus has mean ~ -8.5, std ~ 8
+
+
+class CountReadout(nn.Module):
+    """Frames ``(B, T, D)`` -> per-frame count logits ``(B, T, types, classes)``, and frames with
+    the count probabilities added.
+
+    Linear ``D -> width``, GELU, a depthwise convolution over ``kernel`` frames (the span of the
+    longest counted event at 25 frames/s) that can add up the bursts it sees, then a linear layer
+    on ``[frame, sum]``. ``projection`` is a fixed ``(types * classes, D)`` matrix with orthonormal
+    rows, seeded, and saved with the model.
+    """
+
+    def __init__(
+        self, hidden: int, types: int, classes: int, width: int, kernel: int, scale: float
+    ) -> None:
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"count_kernel must be odd and positive; got {kernel}")
+        if types * classes > hidden:
+            raise ValueError(
+                f"{types} counted types x {classes} classes do not fit in {hidden} dims:"
+                " lower count_classes or count fewer types"
+            )
+        self.types, self.classes, self.scale = types, classes, scale
+        self.inp = nn.Linear(hidden, width)
+        self.conv = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
+        self.out = nn.Linear(2 * width, types * classes)
+        self.register_buffer("projection", torch.empty(types * classes, hidden))
+
+    def reset_buffers(self) -> None:
+        """Fill ``projection`` (transformers builds models on the meta device)."""
+        generator = torch.Generator().manual_seed(0)
+        rows, hidden = self.projection.shape
+        q, _ = torch.linalg.qr(torch.randn(hidden, rows, generator=generator))
+        init.copy_(self.projection, q.T.contiguous())
+
+    def logits(self, frames: Tensor, mask: Tensor) -> Tensor:
+        """``(B, T, D)`` frames, ``(B, T)`` mask -> ``(B, T, types, classes)`` logits."""
+        h = F.gelu(self.inp(frames)) * mask.unsqueeze(-1).to(frames.dtype)
+        summed = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        out = self.out(torch.cat([h, summed], dim=-1))
+        return out.unflatten(-1, (self.types, self.classes))
+
+    def forward(self, frames: Tensor, mask: Tensor) -> Tensor:
+        """``frames + scale * probabilities @ projection``, ``(B, T, D)``."""
+        probs = self.logits(frames, mask).float().softmax(-1).flatten(-2)
+        return frames + self.scale * (probs @ self.projection.float()).to(frames.dtype)
 
 
 class SmallAudioConfig(PretrainedConfig):
@@ -58,7 +91,7 @@ class SmallAudioConfig(PretrainedConfig):
     are a small wobble on a log-mel dominated by the spectrum's shape, and a tagger trained on
     the log-mel alone hardly told tremolo from pure tones (see :data:`BUILTIN_SIZES`).
     ``count_types`` (default: none) adds a
-    :class:`~slit_lightning.encoder_counts.CountReadout` for those event types with
+    :class:`~slit_lightning.builtin.encoder_counts.CountReadout` for those event types with
     ``count_classes`` classes (no event, then counts 1 .. ``count_classes - 1``), ``count_width``
     channels, a ``count_kernel``-frame convolution, and ``count_scale`` times its probabilities
     added to the last layer's frames. Scale 8 against frames of median norm 16 was measured: at

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +27,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from slit_lightning.api import SLIT, scores
+from slit_lightning.atomic import write_file_atomic
 from slit_lightning.data.audio import AUDIO_SUFFIXES, AudioError
+from slit_lightning.errors import SLITError
+from slit_lightning.model.slit import SLIT, scores
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ VERSION = 1
 DEFAULT_NAME = "slit_index.safetensors"
 
 
-class SearchIndexError(ValueError):
+class SearchIndexError(SLITError, ValueError):
     """An index that cannot be read or does not fit the model; the message says what to do."""
 
 
@@ -69,16 +70,14 @@ class Index:
             "model": self.model,
             "files": [[e.path, e.size, e.mtime_ns] for e in self.entries],
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(
+        write_file_atomic(
+            path,
+            lambda tmp: save_file(
                 {"embeddings": self.embeddings.to(torch.float16).contiguous()},
                 str(tmp),
                 metadata={"slit_index": json.dumps(meta)},
-            )
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            ),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Index:

@@ -1,9 +1,9 @@
 """``bootstrap_encoder``: pre-train the built-in small audio encoder once, on the built-in corpus.
 
-Two phases on two CPU cores: :class:`~slit_lightning.encoder_small.SmallAudioModel` is fitted as a
+Two phases on two CPU cores: :class:`~slit_lightning.model.small_encoder.SmallAudioModel` is fitted as a
 multi-label event tagger (the train split plus scenes the corpus generator renders in memory), then,
 with its trunk frozen, its count readout learns how many beeps, clicks and knocks an event has
-(:mod:`slit_lightning.encoder_counts`). The model is saved with ``save_pretrained``, the tagger's
+(:mod:`slit_lightning.builtin.encoder_counts`). The model is saved with ``save_pretrained``, the tagger's
 head is dropped, and the metrics of both phases go to ``bootstrap.json``.
 """
 
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slit_lightning.atomic import save_folder_atomic
+from slit_lightning.builtin.encoder_counts import fit_count_readout
 from slit_lightning.data.audio import pad_batch
-from slit_lightning.encoder_counts import fit_count_readout
-from slit_lightning.encoder_small import BUILTIN_SIZES, SmallAudioConfig, SmallAudioModel
-from slit_lightning.precision import cpu_autocast, native_bf16
-from slit_lightning.schedule import warmup_cosine
+from slit_lightning.model.small_encoder import SmallAudioConfig, SmallAudioModel
+from slit_lightning.training.precision import cpu_autocast, native_bf16
+from slit_lightning.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,16 @@ _BUILTIN_CROP_SECONDS = 2.5  # the tagger's windows on a built-in corpus (see bo
 _MIN_OVERLAP_SECONDS = 0.05  # an event labels a window when it sounds this long inside it
 
 __all__ = ["InMemoryClips", "average_precision", "bootstrap_encoder", "is_complete", "sounding"]
+
+
+# What `slit bootstrap encoder` trains by default; docs/builtin.md has the measurements behind
+# each choice. The count readout counts the corpus's beeps, clicks and knocks.
+BUILTIN_SIZES: dict[str, Any] = {
+    "conv_kernel_size": 7,
+    "delta_scale": 4.0,
+    "dropout": 0.0,
+    "count_types": ["beeps", "clicks", "knocks"],
+}
 
 
 def is_complete(folder: str | Path) -> bool:
@@ -71,7 +81,7 @@ def bootstrap_encoder(
 
     Args:
         corpus_dir: a corpus with ``train.jsonl`` and ``val.jsonl`` whose rows have ``labels``
-            (what :func:`slit_lightning.data.synth.synthesize_corpus` writes).
+            (what :func:`slit_lightning.builtin.corpus.synthesize_corpus` writes).
         out_dir: where the encoder goes: ``config.json``, ``model.safetensors``, ``bootstrap.json``.
         epochs: passes over the training clips (the train split and ``extra_scenes``).
         seed: seeds the initialisation, dropout and data order.
@@ -80,10 +90,10 @@ def bootstrap_encoder(
         batch_size: clips per step.
         lr: peak AdamW learning rate (linear warm-up, cosine decay).
         bf16: train under bf16 autocast (float32 weights and loss); None: where the CPU
-            multiplies bf16 natively (:func:`slit_lightning.precision.native_bf16`).
+            multiplies bf16 natively (:func:`slit_lightning.training.precision.native_bf16`).
         extra_scenes: new scenes that the built-in corpus's generator renders in memory and adds
             to the training clips, as a real encoder is pre-trained on more audio than one
-            caption corpus holds (see :func:`slit_lightning.data.synth.render_scenes`). None: three
+            caption corpus holds (see :func:`slit_lightning.builtin.corpus.render_scenes`). None: three
             times the train split for a built-in corpus, none for any other corpus.
         crop_seconds: the tagger sees a random window of this length from each clip, labelled
             with the event types that sound in it, which needs every clip's events (a built-in
@@ -93,7 +103,7 @@ def bootstrap_encoder(
             0.941 (with the built-in sizes' deltas; 0.936 against 0.911 without them).
         count_scenes: when the config has ``count_types``, how many new scenes (past the
             tagger's, each with an event of a counted type) the count readout trains on after the
-            tagger, with the trunk frozen (see :mod:`slit_lightning.encoder_counts`). None: six
+            tagger, with the trunk frozen (see :mod:`slit_lightning.builtin.encoder_counts`). None: six
             times the train split.
         count_steps: optimizer steps of the count readout (batches of 64 clips).
 
@@ -287,7 +297,7 @@ def _count_scenes(
 
 def _check_count_types(types: list[str]) -> None:
     """Before any training: the count readout learns only what the built-in generator counts."""
-    from slit_lightning.data.synth import COUNTED
+    from slit_lightning.builtin.corpus import COUNTED
 
     if not set(types) <= set(COUNTED):
         raise ValueError(
@@ -297,16 +307,16 @@ def _check_count_types(types: list[str]) -> None:
 
 
 def _builtin_metadata(corpus: Path) -> dict[str, Any] | None:
-    """``corpus.json`` of a corpus that :func:`slit_lightning.data.synth.synthesize_corpus` wrote."""
+    """``corpus.json`` of a corpus that :func:`slit_lightning.builtin.corpus.synthesize_corpus` wrote."""
     path = corpus / "corpus.json"
     meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return meta if meta.get("generator") == "slit_lightning.data.synth" else None
+    return meta if meta.get("generator") == "slit_lightning.builtin.corpus" else None
 
 
 def _scenes(
     meta: dict[str, Any], count: int, first: int, sample_rate: int, having: tuple[str, ...] = ()
 ) -> Iterator[tuple[Tensor, list[dict[str, Any]]]]:
-    from slit_lightning.data import synth
+    from slit_lightning.builtin import corpus as synth
 
     pairs = [(str(a), str(b)) for a, b in meta["heldout_pairs"]]
     scenes = synth.render_scenes(

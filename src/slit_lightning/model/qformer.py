@@ -6,8 +6,8 @@ an attention mode decides who sees whom (see `attention_mask`). Only queries cro
 in layers `i % cross_attention_freq == 0`, and queries and text have separate feed-forward blocks
 (BLIP-2's ``intermediate_query`` / ``output_query``). A tied BERT-style LM head turns text states into
 logits. Plain PyTorch; weights load from BERT (`QFormer.from_bert`) or from BLIP-2 / InstructBLIP /
-LAVIS checkpoints (`QFormer.from_state_dict`, key mapping in `slit_lightning.qformer_convert`).
-The layers, embeddings, LM head and `AudioKV` are in `slit_lightning.qformer_layers`.
+LAVIS checkpoints (`QFormer.from_state_dict`, key mapping in `slit_lightning.model.qformer_convert`).
+The layers, embeddings, LM head and `AudioKV` are in `slit_lightning.model.qformer_layers`.
 """
 
 from __future__ import annotations
@@ -21,22 +21,20 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from slit_lightning.qformer_convert import (
+from slit_lightning.model.qformer_convert import (
     Layout,
     check_fit,
     from_qformer,
-    hf_config_values,
     infer_sizes,
     load_bert,
-    minilm_path,
     summarize,
     to_qformer,
 )
-from slit_lightning.qformer_layers import (
-    Activation,
+from slit_lightning.model.qformer_layers import (
     Attention,
     AudioKV,
     LMHead,
+    QFormerConfig,
     QFormerLayer,
     StackedAudioKV,
     TextEmbeddings,
@@ -50,7 +48,6 @@ __all__ = [
     "QFormerOutput",
     "StackedAudioKV",
     "attention_mask",
-    "minilm_path",
 ]
 
 AttentionMode = Literal["unimodal", "bidirectional", "causal", "instruction"]
@@ -62,68 +59,6 @@ AttentionMode = Literal["unimodal", "bidirectional", "causal", "instruction"]
 - ``"instruction"``: the instruction text follows the queries with full attention between them
   (InstructBLIP); the same mask as ``"bidirectional"``, named for its use.
 """
-
-
-@dataclass
-class QFormerConfig:
-    """Sizes of a Q-Former; the defaults are BLIP-2's (bert-base, 32 queries)."""
-
-    hidden_size: int = 768
-    """Width H of queries and text states."""
-    num_layers: int = 12
-    """Number of transformer layers."""
-    num_heads: int = 12
-    """Attention heads per layer (self- and cross-attention)."""
-    intermediate_size: int = 3072
-    """Inner width of the feed-forward blocks."""
-    num_queries: int = 32
-    """Number N of learned query embeddings."""
-    cross_attention_freq: int = 2
-    """Layer i cross-attends to audio when i % cross_attention_freq == 0."""
-    encoder_width: int = 768
-    """Width D_a of the audio features."""
-    vocab_size: int = 30522
-    """Text vocabulary size (bert-base-uncased's)."""
-    max_position_embeddings: int = 512
-    """Longest text, in tokens."""
-    layer_norm_eps: float = 1e-12
-    """Epsilon of every LayerNorm."""
-    dropout: float = 0.1
-    """Dropout on embeddings and on each block's output."""
-    attention_dropout: float = 0.1
-    """Dropout on attention probabilities."""
-    hidden_act: Activation = "gelu"
-    """Feed-forward and LM-head activation ("gelu" is the exact erf form)."""
-    pad_token_id: int = 0
-    """Padding token id; its embedding row gets no gradient."""
-    initializer_range: float = 0.02
-    """Std of the normal init of new weights and of the query embeddings."""
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}"
-            )
-        if self.cross_attention_freq < 1 or self.num_queries < 1 or self.num_layers < 1:
-            raise ValueError(
-                "cross_attention_freq, num_queries and num_layers must be >= 1, got "
-                f"{self.cross_attention_freq}, {self.num_queries}, {self.num_layers}"
-            )
-        if self.hidden_act not in get_args(Activation):
-            raise ValueError(
-                f"hidden_act={self.hidden_act!r}; choose one of {get_args(Activation)}"
-            )
-
-    def has_cross_attention(self, layer_idx: int) -> bool:
-        return layer_idx % self.cross_attention_freq == 0
-
-    @classmethod
-    def from_hf(cls, hf_config: Any, **overrides: Any) -> QFormerConfig:
-        """From a transformers `BertConfig`, `Blip2QFormerConfig` or `InstructBlipQFormerConfig`.
-
-        `overrides` (e.g. `num_queries=32, encoder_width=1024`) win over what the config says.
-        """
-        return cls(**{**hf_config_values(hf_config), **overrides})
 
 
 @dataclass

@@ -22,73 +22,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from transformers import initialization as init
+from torch import Tensor
 
 from slit_lightning.data.audio import pad_batch
-from slit_lightning.precision import cpu_autocast
-from slit_lightning.schedule import warmup_cosine
-
-if TYPE_CHECKING:
-    from slit_lightning.encoder_small import SmallAudioModel
+from slit_lightning.model.small_encoder import CountReadout, SmallAudioModel
+from slit_lightning.training.precision import cpu_autocast
+from slit_lightning.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CountReadout", "count_targets", "fit_count_readout"]
+__all__ = ["count_targets", "fit_count_readout"]
 
 _BACKGROUND_WEIGHT = 0.2  # class 0 holds most frames; at weight 1 the readout learned little else
 _ENCODE_CHUNK = 32  # clips encoded at once while caching the frozen frames
-
-
-class CountReadout(nn.Module):
-    """Frames ``(B, T, D)`` -> per-frame count logits ``(B, T, types, classes)``, and frames with
-    the count probabilities added.
-
-    Linear ``D -> width``, GELU, a depthwise convolution over ``kernel`` frames (the span of the
-    longest counted event at 25 frames/s) that can add up the bursts it sees, then a linear layer
-    on ``[frame, sum]``. ``projection`` is a fixed ``(types * classes, D)`` matrix with orthonormal
-    rows, seeded, and saved with the model.
-    """
-
-    def __init__(
-        self, hidden: int, types: int, classes: int, width: int, kernel: int, scale: float
-    ) -> None:
-        super().__init__()
-        if kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"count_kernel must be odd and positive; got {kernel}")
-        if types * classes > hidden:
-            raise ValueError(
-                f"{types} counted types x {classes} classes do not fit in {hidden} dims:"
-                " lower count_classes or count fewer types"
-            )
-        self.types, self.classes, self.scale = types, classes, scale
-        self.inp = nn.Linear(hidden, width)
-        self.conv = nn.Conv1d(width, width, kernel, padding=kernel // 2, groups=width)
-        self.out = nn.Linear(2 * width, types * classes)
-        self.register_buffer("projection", torch.empty(types * classes, hidden))
-
-    def reset_buffers(self) -> None:
-        """Fill ``projection`` (transformers builds models on the meta device)."""
-        generator = torch.Generator().manual_seed(0)
-        rows, hidden = self.projection.shape
-        q, _ = torch.linalg.qr(torch.randn(hidden, rows, generator=generator))
-        init.copy_(self.projection, q.T.contiguous())
-
-    def logits(self, frames: Tensor, mask: Tensor) -> Tensor:
-        """``(B, T, D)`` frames, ``(B, T)`` mask -> ``(B, T, types, classes)`` logits."""
-        h = F.gelu(self.inp(frames)) * mask.unsqueeze(-1).to(frames.dtype)
-        summed = self.conv(h.transpose(1, 2)).transpose(1, 2)
-        out = self.out(torch.cat([h, summed], dim=-1))
-        return out.unflatten(-1, (self.types, self.classes))
-
-    def forward(self, frames: Tensor, mask: Tensor) -> Tensor:
-        """``frames + scale * probabilities @ projection``, ``(B, T, D)``."""
-        probs = self.logits(frames, mask).float().softmax(-1).flatten(-2)
-        return frames + self.scale * (probs @ self.projection.float()).to(frames.dtype)
 
 
 def count_targets(

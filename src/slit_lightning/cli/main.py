@@ -10,9 +10,9 @@ YAML can interpolate and several ``--config`` files compose). The other sub-comm
 - ``slit cache-features --config STAGE.yaml`` runs the frozen encoder once over the data and stores
   its features in ``data.feature_cache``, where the stages then read them;
 - ``slit caption``, ``slit ask``, ``slit eval``: a trained checkpoint's captions, answers and
-  evaluation (:mod:`slit_lightning.cli_generate`);
+  evaluation (:mod:`slit_lightning.cli.generate`);
 - ``slit classify``, ``slit export``, ``slit index build|search``: the Python API's commands
-  (:mod:`slit_lightning.cli_api`).
+  (:mod:`slit_lightning.cli.api`).
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ import logging
 import sys
 from typing import Any
 
-from slit_lightning.api import CapabilityError
-from slit_lightning.checkpointing import NonFiniteLossError
 from slit_lightning.data.skips import TooManySkipsError
 from slit_lightning.data.sources import DataConfigError
-from slit_lightning.encoders import EncoderConfigError
-from slit_lightning.export import ExportError
-from slit_lightning.index import SearchIndexError
-from slit_lightning.llm import LLMConfigError
+from slit_lightning.evaluation.index import SearchIndexError
 from slit_lightning.metrics.captioning import JavaNotFoundError
-from slit_lightning.progress import QUIET_HELP
+from slit_lightning.model.encoders import EncoderConfigError
+from slit_lightning.model.export import ExportError
+from slit_lightning.model.llm import LLMConfigError
+from slit_lightning.model.slit import CapabilityError
 from slit_lightning.stages.base import CheckpointError
+from slit_lightning.training.checkpointing import NonFiniteLossError
+from slit_lightning.training.progress import QUIET_HELP
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 GENERATE_COMMANDS = ("caption", "ask", "eval")
@@ -70,7 +70,7 @@ class _CrashSafeCheckpoints:
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-        from slit_lightning.checkpointing import AtomicCheckpointIO
+        from slit_lightning.training.checkpointing import AtomicCheckpointIO
 
         trainer = super().instantiate_trainer(**kwargs)  # type: ignore[misc]
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default
@@ -103,8 +103,8 @@ def register_resolvers() -> None:
     ``${cpu_precision:}`` is ``bf16-mixed`` on a CPU with native bf16, else ``32-true``."""
     from omegaconf import OmegaConf
 
-    from slit_lightning.precision import cpu_precision
-    from slit_lightning.qformer import minilm_path
+    from slit_lightning.builtin.bert import minilm_path
+    from slit_lightning.training.precision import cpu_precision
 
     OmegaConf.register_resolver("builtin_bert", lambda: str(minilm_path()), replace=True)
     OmegaConf.register_resolver("cpu_precision", cpu_precision, replace=True)
@@ -116,9 +116,9 @@ def data_parser() -> Any:
 
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from slit_lightning.builtin.corpus import synthesize_corpus
     from slit_lightning.data.datamodule import AudioTextDataModule
     from slit_lightning.data.shards import write_shards
-    from slit_lightning.data.synth import synthesize_corpus
 
     register_resolvers()  # stage configs passed to `data check` may use them
     synth = ArgumentParser(description="Write the built-in audio-caption corpus.")
@@ -147,7 +147,7 @@ def data_parser() -> Any:
 
     agreement = ArgumentParser(
         description="Score a captions JSON (stage 2's val/test output) against the built-in"
-        " corpus's events: types, number words and order (slit_lightning.metrics.events)."
+        " corpus's events: types, number words and order (slit_lightning.builtin.events)."
     )
     agreement.add_argument("captions", help="a {split}_captions.json written by slit test/validate")
     agreement.add_argument("--corpus", required=True, help="the built-in corpus the clips are from")
@@ -168,13 +168,13 @@ def data_parser() -> Any:
 
 def data_command(argv: list[str]) -> None:
     """Run ``slit data ...``."""
-    from slit_lightning import progress
+    from slit_lightning.training import progress
 
     cfg = data_parser().parse_args(argv)
     sub = cfg[cfg.command]
     progress.quieten(sub.get("quiet", False))
     if cfg.command == "synth":
-        from slit_lightning.data.synth import synthesize_corpus
+        from slit_lightning.builtin.corpus import synthesize_corpus
 
         kwargs = {k: v for k, v in sub.items() if k not in ("out", "quiet", "__path__")}
         with progress.bar("synthesising corpus", quiet=sub.quiet, unit="clips") as tick:
@@ -198,7 +198,7 @@ def data_command(argv: list[str]) -> None:
         if sub.log_dir:
             print(f"TensorBoard logs: {sub.log_dir}  (tensorboard --logdir {sub.log_dir})")
     elif cfg.command == "agreement":
-        from slit_lightning.metrics.events import breakdown_captions_file, score_captions_file
+        from slit_lightning.builtin.events import breakdown_captions_file, score_captions_file
 
         scores: dict[str, Any] = {
             k: round(v, 4) for k, v in score_captions_file(sub.captions, sub.corpus).items()
@@ -220,8 +220,8 @@ def bootstrap_parser() -> Any:
     """Parser of ``slit bootstrap encoder|llm``."""
     from jsonargparse import ArgumentParser
 
-    from slit_lightning.encoder_bootstrap import bootstrap_encoder
-    from slit_lightning.llm_small import bootstrap_llm
+    from slit_lightning.builtin.encoder_bootstrap import bootstrap_encoder
+    from slit_lightning.builtin.llm import bootstrap_llm
 
     parser = ArgumentParser(prog="slit bootstrap", description="Build the built-in models.")
     commands = parser.add_subcommands(dest="command")
@@ -241,9 +241,9 @@ def bootstrap_parser() -> Any:
 
 def bootstrap_command(argv: list[str]) -> None:
     """Run ``slit bootstrap encoder|llm ...``."""
-    from slit_lightning import progress
-    from slit_lightning.encoder_bootstrap import bootstrap_encoder
-    from slit_lightning.llm_small import bootstrap_llm
+    from slit_lightning.builtin.encoder_bootstrap import bootstrap_encoder
+    from slit_lightning.builtin.llm import bootstrap_llm
+    from slit_lightning.training import progress
 
     cfg = bootstrap_parser().parse_args(argv)
     sub = cfg[cfg.command]
@@ -292,10 +292,11 @@ def cache_parser() -> Any:
 
 def cache_command(argv: list[str]) -> None:
     """Run ``slit cache-features ...``."""
-    from slit_lightning import progress
+    from slit_lightning.data.cache_features import write_feature_cache
     from slit_lightning.data.datamodule import AudioTextDataModule
-    from slit_lightning.data.features import cache_folder, write_feature_cache
-    from slit_lightning.encoders import HFAudioEncoder
+    from slit_lightning.data.features import cache_folder
+    from slit_lightning.model.encoders import HFAudioEncoder
+    from slit_lightning.training import progress
 
     cfg = cache_parser().parse_args(argv)
     progress.quieten(cfg.quiet)
@@ -353,11 +354,11 @@ def main(argv: list[str] | None = None) -> None:
         elif argv[0] == "cache-features":
             cache_command(argv[1:])
         elif argv[0] in GENERATE_COMMANDS:
-            from slit_lightning import cli_generate
+            from slit_lightning.cli import generate as cli_generate
 
             getattr(cli_generate, f"{argv[0]}_command")(argv[1:])
         elif argv[0] in API_COMMANDS:
-            from slit_lightning import cli_api
+            from slit_lightning.cli import api as cli_api
 
             getattr(cli_api, f"{argv[0]}_command")(argv[1:])
         else:

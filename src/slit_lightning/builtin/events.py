@@ -34,7 +34,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from slit_lightning.data.synth_text import COUNT_WORDS, wording_table
+from slit_lightning.builtin.corpus_text import COUNT_WORDS, wording_table
 
 # What separates one event's noun phrase from the one before: a number word found after the last
 # of these belongs to the event that follows it.

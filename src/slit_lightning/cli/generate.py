@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from slit_lightning.progress import QUIET_HELP
+from slit_lightning.training.progress import QUIET_HELP
 
 
 def caption_parser() -> Any:
@@ -30,7 +30,7 @@ def caption_parser() -> Any:
 def caption_command(argv: list[str]) -> None:
     """Run ``slit caption ...``: ``file<TAB>caption`` lines; unreadable files go to stderr."""
     from slit_lightning.data.audio import AudioError
-    from slit_lightning.inference import caption_files
+    from slit_lightning.stages.load import caption_files
 
     cfg = caption_parser().parse_args(argv)
     model, crop, settings = _generating_model(cfg)
@@ -67,10 +67,10 @@ def _generating_model(cfg: Any) -> tuple[Any, float | None, Any]:
     decoding settings."""
     from pathlib import Path
 
-    from slit_lightning.inference import load_stage2, training_crop_seconds
+    from slit_lightning.stages.load import load_stage2, training_crop_seconds
 
     if Path(cfg.ckpt).is_dir():
-        from slit_lightning.cli_api import ExportedGenerator
+        from slit_lightning.cli.api import ExportedGenerator
 
         exported = ExportedGenerator(cfg.ckpt, cfg.device)
         return (
@@ -109,7 +109,7 @@ def ask_parser() -> Any:
 def ask_command(argv: list[str]) -> None:
     """Run ``slit ask ...``: prints the answer."""
     from slit_lightning.data.audio import AudioError
-    from slit_lightning.inference import ask
+    from slit_lightning.stages.load import ask
 
     cfg = ask_parser().parse_args(argv)
     model, crop, settings = _generating_model(cfg)
@@ -123,7 +123,7 @@ def eval_parser() -> Any:
     """Parser of ``slit eval``."""
     from jsonargparse import ArgumentParser
 
-    from slit_lightning.evaluate import TASKS
+    from slit_lightning.evaluation.tasks import TASKS
 
     parser = ArgumentParser(
         prog="slit eval",
@@ -169,11 +169,11 @@ def eval_command(argv: list[str]) -> None:
     """Run ``slit eval ...``."""
     from pathlib import Path
 
-    from slit_lightning import progress
     from slit_lightning.data.datamodule import AudioTextDataModule
     from slit_lightning.data.sources import SourceSpec
-    from slit_lightning.evaluate import evaluate, table
-    from slit_lightning.inference import load_stage, read_checkpoint
+    from slit_lightning.evaluation.tasks import evaluate, table
+    from slit_lightning.stages.load import load_stage, read_checkpoint
+    from slit_lightning.training import progress
 
     cfg = eval_parser().parse_args(argv)
     progress.quieten(cfg.quiet)

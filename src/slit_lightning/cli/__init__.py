@@ -1,0 +1,1 @@
+"""The ``slit`` command tree (:func:`slit_lightning.cli.main.main`)."""
