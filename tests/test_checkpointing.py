@@ -131,7 +131,7 @@ def test_recent_checkpoints_refuse_keeping_none():
 
 
 def test_slit_fit_writes_checkpoints_through_the_atomic_io(clip_dir, tmp_path):
-    from slit_lightning.cli.main import lightning_cli
+    from slit_lightning.cli.train import lightning_cli
 
     args = ["--model", "tests.data.test_bad_input._Consumer",
             "--data.train", str(clip_dir / "train.jsonl"), "--data.num_workers", "0",

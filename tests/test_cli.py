@@ -7,7 +7,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from slit_lightning.cli.main import data_parser, main
+from slit_lightning.cli.data import data_parser
+from slit_lightning.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def stage_configs() -> list[list[str]]:
 
 @pytest.mark.parametrize("configs", stage_configs(), ids=lambda c: Path(c[-1]).name)
 def test_stage_and_experiment_configs_parse_through_lightning_cli(configs, capsys):
-    from slit_lightning.cli.main import lightning_cli
+    from slit_lightning.cli.train import lightning_cli
 
     args = ["fit"] + [arg for c in configs for arg in ("--config", c)] + ["--print_config"]
     with pytest.raises(SystemExit) as info:
@@ -143,7 +144,7 @@ def test_lightning_cli_takes_the_data_section_from_yaml(clip_dir, tmp_path):
         "  enable_checkpointing: false\n"
         "  enable_progress_bar: false\n"
     )
-    from slit_lightning.cli.main import lightning_cli
+    from slit_lightning.cli.train import lightning_cli
 
     cli = lightning_cli(["fit", "--config", str(config)])
     assert cli.datamodule.hparams.max_seconds == 3
@@ -235,7 +236,7 @@ def test_decoding_comes_from_the_command_line_not_from_the_checkpoint(tmp_path, 
     hyper-parameters; how to decode stays the caller's choice, the architecture the checkpoint's."""
     from lightning.pytorch.cli import LightningCLI
 
-    from slit_lightning.cli.main import lightning_cli
+    from slit_lightning.cli.train import lightning_cli
 
     stored = {"num_beams": 1, "repetition_penalty": 1.0, "max_new_tokens": 7}
     hparams = {"_class_path": "slit_lightning.stages.Stage2", "encoder": "stored-encoder",

@@ -13,7 +13,7 @@ import torch
 import slit_lightning
 from slit_lightning import SLIT
 from slit_lightning.cli.main import main
-from slit_lightning.model.export import CONFIG, ExportError, export_model
+from slit_lightning.model.export import CONFIG, ExportError
 from slit_lightning.model.slit import CapabilityError
 from tests.conftest import write_tone
 
@@ -95,7 +95,7 @@ def test_export_refuses_a_used_folder_and_a_changed_frozen_part(
         main(["export", "--ckpt", str(stage_checkpoints["stage1"]), "--out", str(exported)])
     model = SLIT.from_pretrained(stage_checkpoints["stage1"], "cpu")
     out = tmp_path / "ref"
-    summary = export_model(model, out, copy_frozen=False)
+    summary = model.save_pretrained(out, copy_frozen=False)
     assert "encoder referenced as" in summary.line() and "contrastive heads" in summary.line()
     config = json.loads((out / CONFIG).read_text())
     assert Path(config["encoder"]["name"]).is_dir() and not (out / "encoder").exists()
@@ -110,8 +110,8 @@ def test_export_refuses_a_used_folder_and_a_changed_frozen_part(
     (tmp_path / "not_export").mkdir()
     (tmp_path / "not_export" / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match="other than an export"):
-        export_model(model, tmp_path / "not_export", overwrite=True)
-    export_model(model, out, overwrite=True)  # an earlier export is replaced
+        model.save_pretrained(tmp_path / "not_export", overwrite=True)
+    model.save_pretrained(out, overwrite=True)  # an earlier export is replaced
     assert SLIT.from_pretrained(out, "cpu").identity == model.identity
     with pytest.raises(ExportError, match="not an exported model"):
         SLIT.from_pretrained(tmp_path / "not_export", "cpu")

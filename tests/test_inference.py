@@ -58,11 +58,12 @@ def test_caption_command_prints_a_caption_per_file_and_reports_bad_ones(
     assert [line.split("\t")[0] for line in lines] == [str(f) for f in files]
     assert "broken.ogg\tskipped:" in captured.err
     # the same captions as the model gives each file alone: batching and padding change nothing
-    model = stage2_ckpt[1]
-    from slit_lightning.stages.load import caption_files
+    from slit_lightning import SLIT
 
-    alone = [next(caption_files(model.eval(), [f]))[1] for f in files]
+    one_by_one = SLIT.from_pretrained(stage2_ckpt[0], "cpu")
+    alone = [" ".join(one_by_one.caption(f).split()) for f in files]
     assert [line.split("\t", 1)[1] for line in lines] == alone
+    model = stage2_ckpt[1].eval()
     # and the soft prompts, which differ per clip, are those of each clip alone
     from slit_lightning.data.audio import load_audio, pad_batch
 
@@ -87,7 +88,7 @@ def test_caption_command_mistakes_are_one_line(tmp_path, stage2_ckpt):
         main(["caption", clip, "--ckpt", str(tmp_path / "junk.ckpt")])
     stage1_like = {"state_dict": {}, "hyper_parameters": {"encoder": "e", "bert": "b"}}
     torch.save(stage1_like, tmp_path / "s1.ckpt")
-    with pytest.raises(SystemExit, match="not a stage-2 checkpoint"):
+    with pytest.raises(SystemExit, match="not a checkpoint of a slit-lightning stage"):
         main(["caption", clip, "--ckpt", str(tmp_path / "s1.ckpt")])
 
 

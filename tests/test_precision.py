@@ -38,7 +38,7 @@ def test_configs_ask_for_bf16_only_where_the_cpu_has_it(monkeypatch, native, exp
     """``${cpu_precision:}`` in a stage config resolves to what this CPU runs fast."""
     from omegaconf import OmegaConf
 
-    from slit_lightning.cli.main import register_resolvers
+    from slit_lightning.cli.train import register_resolvers
 
     monkeypatch.setattr(precision, "native_bf16", lambda: native)
     register_resolvers()

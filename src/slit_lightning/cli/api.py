@@ -118,13 +118,12 @@ def export_parser() -> Any:
 
 def export_command(argv: list[str]) -> None:
     """Run ``slit export``."""
-    from slit_lightning.model.export import export_model
     from slit_lightning.training import progress
 
     cfg = export_parser().parse_args(argv)
     model = _load(cfg)
     with progress.bar("exporting", quiet=cfg.quiet) as tick:
-        summary = export_model(model, cfg.out, not cfg.reference_frozen, cfg.overwrite, tick)
+        summary = model.save_pretrained(cfg.out, not cfg.reference_frozen, cfg.overwrite, tick)
     print(summary.line())
 
 
@@ -188,35 +187,3 @@ def index_command(argv: list[str]) -> None:
     model = _load(sub, sub.ckpt or load["path"])
     for hit in search(model, index, sub.query, sub.top):
         print(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.path}")
-
-
-# ---------------------------------------------------------------------- slit caption / ask
-
-
-class ExportedGenerator:
-    """An exported folder's generating part behind the batch interface ``slit caption`` and
-    ``slit ask`` drive (the stage modules' ``caption(batch)`` / ``answer(batch, ...)``)."""
-
-    def __init__(self, folder: str, device: str) -> None:
-        from slit_lightning.model.slit import SLIT
-
-        self.model = SLIT.from_pretrained(folder, device)
-        self.generator = self.model._need_generator("slit caption / slit ask")
-        self.encoder, self.generation = self.model.encoder, self.generator.generation
-        self.max_seconds = self.model.max_seconds
-
-    @property
-    def device(self) -> Any:
-        return self.model.device
-
-    def caption(self, batch: dict[str, Any], settings: Any = None) -> list[str]:
-        feats, frames = self.encoder(batch["audio"], batch["audio_mask"])
-        return self.generator.caption(feats, frames, settings)
-
-    def answer(
-        self, batch: dict[str, Any], instructions: list[str], rows: Any = None, settings: Any = None
-    ) -> list[str]:
-        feats, frames = self.encoder(batch["audio"], batch["audio_mask"])
-        if rows is not None:  # the i-th instruction is about clip rows[i]
-            feats, frames = feats[rows], frames[rows]
-        return self.generator.answer(feats, frames, instructions, settings)

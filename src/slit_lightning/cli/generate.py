@@ -9,9 +9,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from slit_lightning.training.progress import QUIET_HELP
+
+if TYPE_CHECKING:
+    from slit_lightning.data.audio import AudioError
+    from slit_lightning.model.llm import Generation
+    from slit_lightning.model.slit import SLIT
 
 
 def caption_parser() -> Any:
@@ -29,20 +35,46 @@ def caption_parser() -> Any:
 
 def caption_command(argv: list[str]) -> None:
     """Run ``slit caption ...``: ``file<TAB>caption`` lines; unreadable files go to stderr."""
-    from slit_lightning.data.audio import AudioError
-    from slit_lightning.stages.load import caption_files
-
     cfg = caption_parser().parse_args(argv)
-    model, crop, settings = _generating_model(cfg)
+    model, settings = _generating_model(cfg, "caption")
     failed = 0
-    for path, result in caption_files(model, cfg.files, cfg.batch_size, crop, settings):
-        if isinstance(result, AudioError):
+    for path, result in caption_files(model, cfg.files, cfg.batch_size, settings):
+        if isinstance(result, Exception):
             failed += 1
             print(f"{path}\tskipped: {result}", file=sys.stderr)
         else:
-            print(f"{path}\t{result}", flush=True)
+            print(f"{path}\t{one_line(result)}", flush=True)
     if failed:
         raise SystemExit(f"slit caption: {failed} of {len(cfg.files)} files could not be read")
+
+
+def caption_files(
+    model: SLIT, paths: Sequence[str], batch_size: int = 8, settings: Generation | None = None
+) -> Iterator[tuple[str, str | AudioError]]:
+    """``(path, caption)`` per file in order; ``(path, AudioError)`` for a file that cannot be
+    read. Clips are read as :class:`SLIT` reads them (mono, the encoder's rate, cut to its
+    ``max_seconds``)."""
+    from slit_lightning.data.audio import AudioError, load_audio
+
+    for start in range(0, len(paths), batch_size):
+        chunk = [str(p) for p in paths[start : start + batch_size]]
+        waves, failed = {}, {}
+        for path in chunk:
+            try:
+                waves[path] = load_audio(path, model.sample_rate)
+            except AudioError as err:
+                failed[path] = err
+        captions = {}
+        if waves:
+            made = model.caption(list(waves.values()), model.sample_rate, settings)
+            captions = dict(zip(waves, [made] if isinstance(made, str) else made, strict=True))
+        for path in chunk:
+            yield path, captions[path] if path in captions else failed[path]
+
+
+def one_line(text: str) -> str:
+    """A generated text on one line (an LLM may write line breaks or tabs)."""
+    return " ".join(text.split())
 
 
 def _generation_arguments(parser: Any) -> None:
@@ -62,26 +94,16 @@ def _model_arguments(parser: Any, what: str) -> None:
     _generation_arguments(parser)
 
 
-def _generating_model(cfg: Any) -> tuple[Any, float | None, Any]:
-    """The checkpoint (or exported folder) of ``--ckpt`` that generates text, its crop and
-    decoding settings."""
-    from pathlib import Path
+def _generating_model(cfg: Any, command: str) -> tuple[SLIT, Generation]:
+    """The model of ``--ckpt`` (checkpoint or exported folder) that generates text, with the
+    crop of ``--max_seconds`` (default: as trained) and its decoding settings."""
+    from slit_lightning.model.slit import SLIT
 
-    from slit_lightning.stages.load import load_stage2, training_crop_seconds
-
-    if Path(cfg.ckpt).is_dir():
-        from slit_lightning.cli.api import ExportedGenerator
-
-        exported = ExportedGenerator(cfg.ckpt, cfg.device)
-        return (
-            exported,
-            cfg.max_seconds or exported.max_seconds,
-            _generation_settings(exported, cfg),
-        )
-    model = load_stage2(cfg.ckpt, cfg.device, cfg.encoder, cfg.llm)
-    # clips are cut as in training unless --max_seconds says otherwise
-    crop = cfg.max_seconds or training_crop_seconds(cfg.ckpt)
-    return model, crop, _generation_settings(model, cfg)
+    model = SLIT.from_pretrained(cfg.ckpt, cfg.device, encoder=cfg.encoder, llm=cfg.llm)
+    generator = model.need_generator(f"slit {command}")
+    if cfg.max_seconds:
+        model.max_seconds = cfg.max_seconds
+    return model, _generation_settings(generator, cfg)
 
 
 def _generation_settings(model: Any, cfg: Any) -> Any:
@@ -107,16 +129,11 @@ def ask_parser() -> Any:
 
 
 def ask_command(argv: list[str]) -> None:
-    """Run ``slit ask ...``: prints the answer."""
-    from slit_lightning.data.audio import AudioError
-    from slit_lightning.stages.load import ask
-
+    """Run ``slit ask ...``: prints the answer on one line."""
     cfg = ask_parser().parse_args(argv)
-    model, crop, settings = _generating_model(cfg)
-    try:
-        print(ask(model, cfg.file, cfg.question, crop, settings))
-    except AudioError as err:
-        raise SystemExit(f"slit ask: {err}") from None
+    model, settings = _generating_model(cfg, "ask")
+    answer = model.answer(cfg.file, cfg.question, settings=settings)
+    print(one_line(str(answer)))
 
 
 def eval_parser() -> Any:

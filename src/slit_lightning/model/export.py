@@ -36,10 +36,9 @@ from transformers import AutoTokenizer
 from slit_lightning.atomic import save_folder_atomic
 from slit_lightning.errors import SLITError
 from slit_lightning.model.encoders import HFAudioEncoder
-from slit_lightning.model.heads import ContrastiveHeads, TextGenerator
+from slit_lightning.model.heads import ContrastiveHeads, SLITParts, TextGenerator
 from slit_lightning.model.llm import FrozenLLM, Generation
 from slit_lightning.model.qformer import QFormer, QFormerConfig
-from slit_lightning.model.slit import SLIT
 from slit_lightning.model.state import check_state
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class ExportSummary:
 
 
 def export_model(
-    model: SLIT,
+    model: SLITParts,
     out: str | Path,
     copy_frozen: bool = True,
     overwrite: bool = False,
@@ -84,7 +83,7 @@ def export_model(
     """Write ``model`` to the folder ``out`` (see the module's docstring), atomically.
 
     Args:
-        model: a loaded model (usually ``SLIT.from_pretrained(checkpoint)``).
+        model: the parts of a loaded model (``SLIT.save_pretrained`` passes its own).
         out: folder to create; an existing non-empty one is refused unless ``overwrite`` and it
             holds an earlier export.
         copy_frozen: copy the frozen encoder / LLM folders in (else record them by name).
@@ -138,7 +137,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 def _frozen_sources(
-    model: SLIT, tmp: Path, copy: bool, summary: ExportSummary
+    model: SLITParts, tmp: Path, copy: bool, summary: ExportSummary
 ) -> list[tuple[Path, Path]]:
     """(source, destination) of every file to copy; fills ``summary.copied / referenced``."""
     names = {"encoder": model.origin.get("encoder")}
@@ -161,7 +160,7 @@ def _frozen_sources(
 
 
 def _config_and_state(
-    model: SLIT, summary: ExportSummary
+    model: SLITParts, summary: ExportSummary
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The JSON config and the trained weights (frozen parts left out)."""
     config: dict[str, Any] = {
@@ -235,8 +234,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def load_exported(folder: str | Path, device: str = "cpu") -> SLIT:
-    """An exported folder as a :class:`SLIT` (Lightning is never imported)."""
+def load_exported(folder: str | Path, device: str = "cpu") -> SLITParts:
+    """An exported folder's parts (Lightning is never imported); ``SLIT.from_pretrained`` wraps
+    them."""
     folder = Path(folder)
     config = read_config(folder)
     enc = config["encoder"]
@@ -258,7 +258,7 @@ def load_exported(folder: str | Path, device: str = "cpu") -> SLIT:
         llm = config["generator"]["llm"]
         origin |= {"llm": _where(folder, llm), "llm_dtype": llm["dtype"]}
         origin["trust_remote_code"] = llm["trust_remote_code"]
-    return SLIT(encoder, heads, generator, config["max_seconds"], origin).to(device)
+    return SLITParts(encoder, heads, generator, config["max_seconds"], origin).to(device)
 
 
 def _load_heads(

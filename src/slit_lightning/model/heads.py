@@ -5,12 +5,16 @@
 - :class:`TextGenerator`: a stage-2 or instruction-tuned Q-Former, the projection and the frozen
   LLM (captions, answers, generative classification).
 
+- :class:`SLITParts`: the encoder and whichever of the two a checkpoint or export holds, with
+  the crop and where each part came from.
+
 They repeat the few lines of the stage modules' forward passes that inference needs, so that an
 exported model runs without the LightningModules; tests compare them with the stages.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slit_lightning.instructions import TASKS
+from slit_lightning.model.encoders import AudioEncoder
 from slit_lightning.model.llm import FrozenLLM, Generation
 from slit_lightning.model.qformer import QFormer
 
@@ -158,3 +163,29 @@ class TextGenerator(nn.Module):
             loss = self.llm.loss(soft[clips], [prompt] * len(names), names, per_row=True)
             scores.append(-loss.float().cpu())
         return torch.cat(scores).view(len(feats), len(labels))
+
+
+@dataclass
+class SLITParts:
+    """What a checkpoint or an exported folder holds, as plain modules.
+
+    Args:
+        encoder: the frozen audio encoder.
+        heads: stage 1's contrastive path (None: no embeddings).
+        generator: the LLM path (None: no captions or answers).
+        max_seconds: the crop the model was trained with (None: not recorded).
+        origin: where the parts came from (checkpoint, encoder and LLM names); export uses it.
+    """
+
+    encoder: AudioEncoder
+    heads: ContrastiveHeads | None
+    generator: TextGenerator | None
+    max_seconds: float | None = None
+    origin: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: str | torch.device) -> SLITParts:
+        """Move every module to ``device``; returns self."""
+        for part in (self.encoder, self.heads, self.generator):
+            if part is not None:
+                part.to(device)
+        return self

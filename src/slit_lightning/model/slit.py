@@ -23,7 +23,7 @@ kept.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,8 +43,10 @@ from slit_lightning.data.audio import (
 )
 from slit_lightning.errors import SLITError
 from slit_lightning.model.encoders import AudioEncoder
-from slit_lightning.model.heads import ContrastiveHeads, TextGenerator
+from slit_lightning.model.export import ExportSummary, export_model, load_exported
+from slit_lightning.model.heads import ContrastiveHeads, SLITParts, TextGenerator
 from slit_lightning.model.llm import Generation
+from slit_lightning.model.load import read_training_checkpoint
 
 #: what the ``audio`` argument of every method accepts
 Audio = str | Path | Sequence[str | Path] | np.ndarray | Tensor | Sequence[np.ndarray | Tensor]
@@ -125,12 +127,27 @@ class SLIT:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         path = Path(path)
         if path.is_dir():
-            from slit_lightning.model.export import load_exported
+            parts = load_exported(path, device)
+        else:
+            parts = read_training_checkpoint(path, device, stage1, encoder, llm)
+        return cls(parts.encoder, parts.heads, parts.generator, parts.max_seconds, parts.origin)
 
-            return load_exported(path, device)
-        from slit_lightning.stages.load import load_slit
+    @property
+    def parts(self) -> SLITParts:
+        """The modules this model holds, with its crop and origin."""
+        return SLITParts(self.encoder, self.heads, self.generator, self.max_seconds, self.origin)
 
-        return load_slit(path, device, stage1, encoder, llm)
+    def save_pretrained(
+        self,
+        out: str | Path,
+        copy_frozen: bool = True,
+        overwrite: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ExportSummary:
+        """Write this model to the folder ``out`` (``slit export``; see
+        :mod:`slit_lightning.model.export`): trained weights as safetensors, a JSON config, the
+        tokenizer, and the frozen encoder / LLM copied in (``copy_frozen``) or referenced."""
+        return export_model(self.parts, out, copy_frozen, overwrite, progress)
 
     def to(self, device: str | torch.device) -> SLIT:
         """Move every part to ``device``; returns self."""
@@ -152,7 +169,7 @@ class SLIT:
     def identity(self) -> str:
         """Digest of what an embedding depends on (encoder, Q-Former, heads): two models with
         one identity give the same embeddings, so a search index records it."""
-        heads = self._need_heads("identity")
+        heads = self.need_heads("identity")
         h = hashlib.sha256(self.encoder.identity.encode())
         for name, tensor in heads.state_dict().items():
             h.update(f"{name}{tuple(tensor.shape)}".encode())
@@ -168,7 +185,7 @@ class SLIT:
         """A caption per clip (``str`` for one clip, ``list[str]`` for several).
 
         Example: ``model.caption("dog.wav")`` -> ``'a dog barks twice'``."""
-        generator = self._need_generator("caption")
+        generator = self.need_generator("caption")
         out = [
             c
             for f, m in self._features(audio, sample_rate)
@@ -188,7 +205,7 @@ class SLIT:
         string for all clips or one per clip.
 
         Example: ``model.answer("beeps.wav", "How many beeps are there?")`` -> ``'three'``."""
-        generator = self._need_generator("answer")
+        generator = self.need_generator("answer")
         out: list[str] = []
         for feats, frames in self._features(audio, sample_rate):
             if isinstance(question, str):
@@ -206,7 +223,7 @@ class SLIT:
         of width ``E``); a clip's similarity to a text is the best of its ``N`` queries.
 
         Example: ``model.embed_audio(["a.wav", "b.wav"]).shape`` -> ``(2, 32, 256)``."""
-        heads = self._need_heads("embed_audio")
+        heads = self.need_heads("embed_audio")
         parts = [heads.audio(f, m).float().cpu() for f, m in self._features(audio, sample_rate)]
         return torch.cat(parts)
 
@@ -215,7 +232,7 @@ class SLIT:
         """L2-normalised text embeddings ``(T, E)`` on the CPU (``T = 1`` for one string).
 
         Example: ``model.embed_text(["rain", "a dog barks"]).shape`` -> ``(2, 256)``."""
-        heads = self._need_heads("embed_text")
+        heads = self.need_heads("embed_text")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("embed_text needs one or more non-empty strings")
@@ -252,13 +269,13 @@ class SLIT:
         if method == "auto":
             method = "contrastive" if self.heads is not None else "generative"
         if method == "contrastive":
-            heads = self._need_heads("classify(method='contrastive')")
+            heads = self.need_heads("classify(method='contrastive')")
             if "{label}" not in prompt:
                 raise ValueError(f"prompt {prompt!r} needs a {{label}} placeholder")
             sim = self.similarity(audio, [prompt.format(label=lab) for lab in labels], sample_rate)
             logits = sim / heads.temperature.float().cpu()
         elif method == "generative":
-            generator = self._need_generator("classify(method='generative')")
+            generator = self.need_generator("classify(method='generative')")
             logits = torch.cat(
                 [
                     generator.label_scores(f, m, labels)
@@ -321,7 +338,8 @@ class SLIT:
 
     # ------------------------------------------------------------------ capabilities
 
-    def _need_heads(self, method: str) -> ContrastiveHeads:
+    def need_heads(self, method: str) -> ContrastiveHeads:
+        """The contrastive heads, or a :class:`CapabilityError` saying which checkpoint has them."""
         if self.heads is None:
             raise CapabilityError(
                 f"{method} needs stage 1's contrastive heads, which this model lacks: load a"
@@ -330,7 +348,8 @@ class SLIT:
             )
         return self.heads
 
-    def _need_generator(self, method: str) -> TextGenerator:
+    def need_generator(self, method: str) -> TextGenerator:
+        """The generator, or a :class:`CapabilityError` saying which checkpoint has one."""
         if self.generator is None:
             raise CapabilityError(
                 f"{method} needs an LLM, which this stage-1 model lacks: load a stage-2 or"
