@@ -24,16 +24,24 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 DEMO_CLIPS = $(DEMO_DIR)/corpus/audio/test/test-000000.flac $(DEMO_DIR)/corpus/audio/test/test-000001.flac $(DEMO_DIR)/corpus/audio/test/test-000002.flac
+# each demo command composes a stage (conf/<stage>.yaml) with the demo's overlay (conf/demo/<stage>.yaml)
+DEMO_STAGE1 := --config conf/stage1.yaml --config conf/demo/stage1.yaml
+DEMO_STAGE2 := --config conf/stage2.yaml --config conf/demo/stage2.yaml
+DEMO_INSTRUCT := --config conf/instruct.yaml --config conf/demo/instruct.yaml
+# the checkpoints the demo writes (the dirpaths of conf/demo/*.yaml); eval-zeroshot evaluates them
+STAGE1_CKPT := $(DEMO_DIR)/stage1/checkpoints/last.ckpt
+STAGE2_CKPT := $(DEMO_DIR)/stage2/checkpoints/last.ckpt
+INSTRUCT_CKPT := $(DEMO_DIR)/instruct/checkpoints/last.ckpt
 
 demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors $(DEMO_DIR)/llm/metrics.json ## run the main job on the built-in corpus (offline, CPU)
-	$(SLIT) cache-features --config conf/stage1.yaml
-	$(SLIT) fit --config conf/stage1.yaml
-	$(SLIT) fit --config conf/stage2.yaml
-	$(SLIT) test --config conf/stage2.yaml --ckpt_path $(DEMO_DIR)/stage2/checkpoints/last.ckpt
+	$(SLIT) cache-features $(DEMO_STAGE1)
+	$(SLIT) fit $(DEMO_STAGE1)
+	$(SLIT) fit $(DEMO_STAGE2)
+	$(SLIT) test $(DEMO_STAGE2) --ckpt_path $(STAGE2_CKPT)
 	$(SLIT) data agreement $$(ls -t $(DEMO_DIR)/logs/stage2/version_*/test_captions.json | head -1) --corpus $(DEMO_DIR)/corpus
-	$(SLIT) fit --config conf/instruct.yaml
-	$(SLIT) caption $(DEMO_CLIPS) --ckpt $(DEMO_DIR)/stage2/checkpoints/last.ckpt
-	$(SLIT) ask $(word 1,$(DEMO_CLIPS)) "List all the sounds you hear." --ckpt $(DEMO_DIR)/instruct/checkpoints/last.ckpt
+	$(SLIT) fit $(DEMO_INSTRUCT)
+	$(SLIT) caption $(DEMO_CLIPS) --ckpt $(STAGE2_CKPT)
+	$(SLIT) ask $(word 1,$(DEMO_CLIPS)) "List all the sounds you hear." --ckpt $(INSTRUCT_CKPT)
 	@echo "test captions and scores: $(DEMO_DIR)/logs/stage2/version_*/test_captions.json"
 	@echo "zero-shot evaluation of all three checkpoints (retrieval, classification, QA, ...): make eval-zeroshot"
 	@echo "TensorBoard logs: $(DEMO_DIR)/logs  (make tensorboard)"
@@ -48,11 +56,6 @@ $(DEMO_DIR)/encoder/model.safetensors: $(DEMO_DIR)/corpus/corpus.json
 # metrics.json is written last, so its presence means a complete model
 $(DEMO_DIR)/llm/metrics.json: $(DEMO_DIR)/corpus/corpus.json
 	$(SLIT) bootstrap llm --corpus $(DEMO_DIR)/corpus --out $(DEMO_DIR)/llm
-
-# the checkpoints the demo writes; eval-zeroshot trains whichever is missing (same commands)
-STAGE1_CKPT := $(DEMO_DIR)/stage1/checkpoints/last.ckpt
-STAGE2_CKPT := $(DEMO_DIR)/stage2/checkpoints/last.ckpt
-INSTRUCT_CKPT := $(DEMO_DIR)/instruct/checkpoints/last.ckpt
 
 eval-zeroshot: $(STAMP) ## evaluate the demo's stage-1, stage-2 and instruction-tuned checkpoints on the zero-shot split
 	@for ckpt in $(STAGE1_CKPT) $(STAGE2_CKPT) $(INSTRUCT_CKPT); do \

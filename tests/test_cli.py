@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from slit_lightning.cli.data import data_parser
@@ -14,39 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_yaml_in_conf_parses_as_data_config():
+    # the stage pieces, the demo overlays (conf/demo/) and the trainer presets
     configs = sorted((REPO / "conf").rglob("*.yaml"))
     assert configs
     for config in configs:
         data_parser().parse_args(["check", "--config", str(config)])
-
-
-def stage_configs() -> list[list[str]]:
-    """Each stage config alone, and each experiment composed on top of its stage."""
-    stages = sorted(p for p in (REPO / "conf").glob("*.yaml") if p.name != "data.yaml")
-    runs = [[str(p)] for p in stages]
-    for experiment in sorted((REPO / "experiments").rglob("*.yaml")):
-        base = REPO / "conf" / (experiment.name.split("_")[0] + ".yaml")
-        runs.append([str(base), str(experiment)])
-    for preset in sorted((REPO / "conf" / "trainer").glob("*.yaml")):
-        runs.append([str(REPO / "conf" / "stage2.yaml"), str(preset)])
-    return runs
-
-
-@pytest.mark.parametrize("configs", stage_configs(), ids=lambda c: Path(c[-1]).name)
-def test_stage_and_experiment_configs_parse_through_lightning_cli(configs, capsys):
-    from slit_lightning.cli.train import lightning_cli
-
-    args = ["fit"] + [arg for c in configs for arg in ("--config", c)] + ["--print_config"]
-    with pytest.raises(SystemExit) as info:
-        lightning_cli(args)
-    assert info.value.code in (0, None)
-    printed = capsys.readouterr().out
-    assert "class_path: slit_lightning.stages." in printed and "data:" in printed
-    if "trainer" in configs[-1]:  # a preset's settings win over the stage's
-        preset = yaml.safe_load(Path(configs[-1]).read_text())["trainer"]
-        trainer = yaml.safe_load(printed)["trainer"]
-        assert trainer["accelerator"] == preset["accelerator"]
-        assert trainer["precision"] == preset["precision"]
 
 
 def test_synth_then_data_check_reports_and_logs_to_tensorboard(tmp_path, capsys):
@@ -66,7 +37,7 @@ def test_synth_then_data_check_reports_and_logs_to_tensorboard(tmp_path, capsys)
             "data",
             "check",
             "--config",
-            str(REPO / "conf" / "data.yaml"),
+            str(REPO / "conf" / "demo" / "stage1.yaml"),  # its data section: the built-in corpus
             "--data.root",
             str(corpus),
             "--data.num_workers",
@@ -152,6 +123,12 @@ def test_lightning_cli_takes_the_data_section_from_yaml(clip_dir, tmp_path):
     assert sorted(cli.model.epochs[0]) == [f"clip{i:02d}" for i in range(12)]
 
 
+def demo(stage: str) -> list[str]:
+    """The demo's configs of a stage: the stage piece, then the demo's overlay."""
+    return ["--config", str(REPO / "conf" / f"{stage}.yaml"),
+            "--config", str(REPO / "conf" / "demo" / f"{stage}.yaml")]  # fmt: skip
+
+
 def _checkpoint_to(folder) -> str:
     return json.dumps(
         [
@@ -187,18 +164,18 @@ def test_built_in_chain_synth_bootstrap_stage1_stage2_caption(tmp_path, tiny_ber
         "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--data.feature_cache", str(tmp_path / "features"),
     ]  # fmt: skip
-    main(["cache-features", "--config", str(REPO / "conf" / "stage1.yaml"), *shared])
+    main(["cache-features", *demo("stage1"), *shared])
     caplog.set_level(logging.INFO, logger="slit_lightning.data.datamodule")
     out = capsys.readouterr().out
     rows = (corpus / "train.jsonl").read_text().splitlines()
     assert f"train: {len(rows)} clips" in out
     assert len(list((tmp_path / "features").glob("*/train.*.f16"))) == 1
     stage1 = tmp_path / "stage1"
-    main(["fit", "--config", str(REPO / "conf" / "stage1.yaml"), *shared,
+    main(["fit", *demo("stage1"), *shared,
           "--trainer.default_root_dir", str(stage1),
           "--trainer.callbacks", _checkpoint_to(stage1)])  # fmt: skip
     stage2 = tmp_path / "stage2"
-    main(["fit", "--config", str(REPO / "conf" / "stage2.yaml"), *shared,
+    main(["fit", *demo("stage2"), *shared,
           "--model.llm", str(llm), "--model.init_from", str(stage1 / "last.ckpt"),
           "--model.generation.max_new_tokens", "8", "--trainer.check_val_every_n_epoch", "1",
           "--trainer.default_root_dir", str(stage2),
@@ -214,7 +191,7 @@ def test_built_in_chain_synth_bootstrap_stage1_stage2_caption(tmp_path, tiny_ber
     assert [line.split("\t")[0] for line in lines] == [str(c) for c in clips]
     # instruction tuning from the stage-2 checkpoint, then `slit ask` and the evaluation suite
     instruct = tmp_path / "instruct"
-    main(["fit", "--config", str(REPO / "conf" / "instruct.yaml"), *shared,
+    main(["fit", *demo("instruct"), *shared,
           "--model.llm", str(llm), "--model.init_from", str(stage2 / "last.ckpt"),
           "--model.generation.max_new_tokens", "6", "--trainer.default_root_dir", str(instruct),
           "--trainer.callbacks", _checkpoint_to(instruct)])  # fmt: skip
@@ -251,8 +228,7 @@ def test_decoding_comes_from_the_command_line_not_from_the_checkpoint(tmp_path, 
         raise Parsed(cli.config)
 
     monkeypatch.setattr(LightningCLI, "before_instantiate_classes", stop)
-    config = str(REPO / "conf" / "stage2.yaml")
-    argv = ["test", "--config", config, "--ckpt_path", str(ckpt)]
+    argv = ["test", *demo("stage2"), "--ckpt_path", str(ckpt)]
     with pytest.raises(Parsed) as parsed:
         lightning_cli([*argv, "--model.generation.num_beams", "5"])
     args = parsed.value.args[0]["test"]["model"]["init_args"]

@@ -3,7 +3,7 @@
 #
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0.example MASTER_PORT=29500 GPUS_PER_NODE=8 \
 #     experiments/launch/torchrun.sh --config conf/stage2.yaml \
-#       --config experiments/stage2_whisper_vicuna.yaml --config conf/trainer/fsdp.yaml
+#       --config conf/trainer/fsdp.yaml --config experiments/stage2_whisper_vicuna.yaml
 #
 # (and NODE_RANK=1 on the second node). torchrun starts one process per GPU; Lightning reads the
 # ranks it sets (TorchElasticEnvironment), so the trainer only needs the same node and GPU counts.
