@@ -33,18 +33,15 @@ STAGE1_CKPT := $(DEMO_DIR)/stage1/checkpoints/last.ckpt
 STAGE2_CKPT := $(DEMO_DIR)/stage2/checkpoints/last.ckpt
 INSTRUCT_CKPT := $(DEMO_DIR)/instruct/checkpoints/last.ckpt
 
-demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors $(DEMO_DIR)/llm/metrics.json ## run the main job on the built-in corpus (offline, CPU)
+demo: $(DEMO_DIR)/corpus/corpus.json $(DEMO_DIR)/encoder/model.safetensors $(DEMO_DIR)/llm/metrics.json ## run the main job on the built-in corpus (offline, CPU) and print what each stage scored
 	$(SLIT) cache-features $(DEMO_STAGE1)
 	$(SLIT) fit $(DEMO_STAGE1)
+	$(SLIT) test $(DEMO_STAGE1) --ckpt_path $(STAGE1_CKPT)
 	$(SLIT) fit $(DEMO_STAGE2)
 	$(SLIT) test $(DEMO_STAGE2) --ckpt_path $(STAGE2_CKPT)
-	$(SLIT) data agreement $$(ls -t $(DEMO_DIR)/logs/stage2/version_*/test_captions.json | head -1) --corpus $(DEMO_DIR)/corpus
 	$(SLIT) fit $(DEMO_INSTRUCT)
 	$(SLIT) caption $(DEMO_CLIPS) --ckpt $(STAGE2_CKPT)
-	$(SLIT) ask $(word 1,$(DEMO_CLIPS)) "List all the sounds you hear." --ckpt $(INSTRUCT_CKPT)
-	@echo "test captions and scores: $(DEMO_DIR)/logs/stage2/version_*/test_captions.json"
-	@echo "zero-shot evaluation of all three checkpoints (retrieval, classification, QA, ...): make eval-zeroshot"
-	@echo "TensorBoard logs: $(DEMO_DIR)/logs  (make tensorboard)"
+	@$(PY) -m slit_lightning.builtin.summary --runs $(DEMO_DIR)
 
 # corpus.json is written last, so its presence means a complete corpus
 $(DEMO_DIR)/corpus/corpus.json: $(STAMP)
