@@ -14,23 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from slit_lightning.atomic import write_json_atomic
 from slit_lightning.data.datamodule import AudioTextDataModule, Split
 from slit_lightning.data.features import FORMAT, cache_folder
-from slit_lightning.model.encoders import AudioEncoder
 
 log = logging.getLogger(__name__)
 
 
 def write_feature_cache(
-    encoder: AudioEncoder,
+    encoder: nn.Module,
     datamodule: AudioTextDataModule,
     splits: list[Split],
     root: str | Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Encode every clip of ``splits`` once and store the frames under ``root``.
+
+    ``encoder`` is a frozen :class:`~slit_lightning.model.encoders.AudioEncoder` (any module with
+    its ``identity``, ``max_seconds`` and ``(wave, mask) -> (frames, mask)`` call).
 
     Clips are read whole (up to the encoder's own window), in evaluation order, through the data
     module's loaders, so bad input is skipped and counted as in training and recorded in the
