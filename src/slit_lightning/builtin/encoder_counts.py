@@ -1,18 +1,15 @@
 """How many: a count readout on the built-in encoder's frames, and the phase that trains it.
 
 The built-in encoder's frames mark every burst of beeps, clicks or knocks (a linear probe finds the
-onsets at frame AUC 0.975), yet no single frame says how many bursts an event has (0.19, chance
-0.2), and a Q-Former trained on the demo's 700 captions did not learn to add them up. A summing
-readout learns it, but only from many examples: a 63-frame depthwise convolution on frozen frames
-counted 0.41 of held-out events right from the 700 train clips and 0.83 with 8400 more rendered
-scenes. So :func:`fit_count_readout` trains :class:`CountReadout` on scenes the corpus generator
-renders, after the tagger, with the trunk frozen; the model then adds the readout's per-frame
-count probabilities to its last layer's frames (through a fixed orthonormal projection), and
-everything downstream reads counts as it reads event types. Scenes that hold a counted event
-teach it as much as twice as many scenes of any kind, at half the rendering and encoding time:
-4200 of them counted 0.75 and 0.73 (two seeds, 1500 steps) of the 323 events of the train split
-right, against 0.71 and 0.72 from 8400 scenes of any kind; 1000 steps did as well (0.75, 0.73),
-2000 little better (0.76).
+frames where one starts), yet no single frame says how many bursts an event has, and a Q-Former
+trained on the demo's captions did not learn to add them up. A summing readout learns it, but only
+from many examples: far more than the corpus's train clips hold. So :func:`fit_count_readout`
+trains :class:`CountReadout` on scenes the corpus generator renders, after the tagger, with the
+trunk frozen; the model then adds the readout's per-frame count probabilities to its last layer's
+frames (through a fixed orthonormal projection), and everything downstream reads counts as it
+reads event types. Only scenes that hold a counted event are rendered for it: they teach the
+readout as much as more scenes of any kind would, at less rendering and encoding time.
+docs/builtin.md has the measurements behind these choices.
 
 Targets, per frame and counted type: class ``n`` (1 .. ``classes - 1``) inside an event of that
 type with ``n`` bursts, class 0 elsewhere.
