@@ -15,9 +15,9 @@ A :class:`SLIT` holds plain ``nn.Module``s: the frozen audio encoder and one or 
 :class:`~slit_lightning.model.heads.ContrastiveHeads` (stage 1's Q-Former and projections: embeddings,
 similarity, search, contrastive classification) and :class:`~slit_lightning.model.heads.TextGenerator`
 (a stage-2 or instruction-tuned Q-Former, the projection and the frozen LLM: captions, answers,
-generative classification). An exported folder (:mod:`slit_lightning.model.export`) loads without
-Lightning; a training checkpoint goes through its stage class once, then only the modules are
-kept.
+generative classification). Neither an exported folder (:mod:`slit_lightning.model.export`) nor
+a training checkpoint of any stage (:mod:`slit_lightning.model.load`) needs Lightning or the
+stage classes to load; ``save_pretrained`` writes the exported folder.
 """
 
 from __future__ import annotations
