@@ -26,7 +26,7 @@ from slit_lightning.builtin.encoder_counts import fit_count_readout
 from slit_lightning.data.audio import pad_batch
 from slit_lightning.model.small_encoder import SmallAudioConfig, SmallAudioModel
 from slit_lightning.training.precision import cpu_autocast, native_bf16
-from slit_lightning.training.schedule import warmup_cosine
+from slit_lightning.training.schedule import warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,7 @@ def bootstrap_encoder(
     trains. The model is written to a temporary folder and renamed into place, so an interrupted
     run never leaves a folder that looks complete. Call it from a single process (e.g. a
     ``prepare_data`` hook): inside a running process group the data would be split over ranks.
-    On the default corpus (700 train clips of 5 s and 2100 generated scenes, 8 epochs of 2.5-s
-    windows, bf16 autocast) the tagger took about 3.5 min on two CPU cores and reached val mAP
-    0.98 (chance 0.16); the count readout (4200 scenes, 1000 steps) 92 s more, and counted 0.93
-    of the 44 counted val events right.
+    What it takes and reaches on the default corpus is in docs/results.md.
 
     Args:
         corpus_dir: a corpus with ``train.jsonl`` and ``val.jsonl`` whose rows have ``labels``
@@ -98,9 +95,9 @@ def bootstrap_encoder(
         crop_seconds: the tagger sees a random window of this length from each clip, labelled
             with the event types that sound in it, which needs every clip's events (a built-in
             corpus's manifests and scenes hold them). None: 2.5 s for a built-in corpus, whole
-            clips for any other; 0: whole clips. On the default corpus, 8 epochs of 2.5-s
-            windows took as long as 4 of whole clips and reached val + test mAP 0.974 against
-            0.941 (with the built-in sizes' deltas; 0.936 against 0.911 without them).
+            clips for any other; 0: whole clips. Windows teach the tagger more per unit of
+            training time than whole clips, with or without the built-in sizes' deltas
+            (docs/builtin.md).
         count_scenes: when the config has ``count_types``, how many new scenes (past the
             tagger's, each with an event of a counted type) the count readout trains on after the
             tagger, with the trunk frozen (see :mod:`slit_lightning.builtin.encoder_counts`). None: six
@@ -374,7 +371,7 @@ def _pooled_logits(model: SmallAudioModel, head: nn.Linear, batch: dict[str, Any
     """Mean and max over real frames -> linear head: ``(B, S)`` audio -> ``(B, C)`` logits.
 
     The max lets a short event (a click) count as much as a long one; with the mean alone the
-    tagger reached val mAP 0.45 instead of 0.64 in a six-epoch trial on the built-in corpus.
+    tagger did markedly worse on the built-in corpus (docs/builtin.md).
     """
     frames, mask = model.trunk(batch["audio"], batch["audio_mask"])
     weights = mask.unsqueeze(-1).to(frames.dtype)
@@ -384,10 +381,10 @@ def _pooled_logits(model: SmallAudioModel, head: nn.Linear, batch: dict[str, Any
 
 
 class InMemoryClips:
-    """The training split decoded once and kept as tensors, with any ``extra`` clips (896 MB for
-    the built-in corpus's 700 clips and 2100 scenes), so that every later epoch reshuffles clips
-    instead of decoding and resampling every file again (on 2 cores that was about a third of the
-    bootstrap's time).
+    """The training split decoded once and kept as tensors, with any ``extra`` clips (for the
+    built-in corpus, 700 clips and 2100 scenes of 5 s at 16 kHz in float32: 896 MB), so that every
+    later epoch reshuffles clips instead of decoding and resampling every file again, which had
+    been a large share of the bootstrap's time (docs/builtin.md).
 
     ``extra`` yields ``(waveform, events)``; ``events`` maps the split's clip ids to their
     manifest events. Clips with events can be served as random windows (:meth:`epochs`).
@@ -493,7 +490,7 @@ def _fit(
     params = [p for p in model.parameters() if p not in counts] + [*head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     total = max(1, total)
-    schedule = warmup_cosine(optimizer, total)
+    schedule = warmup_cosine_lr(optimizer, total)
     model.train()
     head.train()
     step, mean = 0, 0.0

@@ -28,7 +28,7 @@ from torch import Tensor
 from slit_lightning.data.audio import pad_batch
 from slit_lightning.model.small_encoder import CountReadout, SmallAudioModel
 from slit_lightning.training.precision import cpu_autocast
-from slit_lightning.training.schedule import warmup_cosine
+from slit_lightning.training.schedule import warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _train(
     weight = torch.ones(readout.classes)
     weight[0] = _BACKGROUND_WEIGHT
     optimizer = torch.optim.AdamW(readout.parameters(), lr=lr, weight_decay=0.01)
-    schedule = warmup_cosine(optimizer, steps)
+    schedule = warmup_cosine_lr(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     readout.train()
     losses = []

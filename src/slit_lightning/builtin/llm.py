@@ -49,7 +49,7 @@ from slit_lightning.builtin import corpus as synth
 from slit_lightning.builtin import corpus_text as synth_text
 from slit_lightning.instructions import ClipText, InstructionMix
 from slit_lightning.training.precision import cpu_autocast, native_bf16
-from slit_lightning.training.schedule import warmup_cosine
+from slit_lightning.training.schedule import warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,8 @@ INSTRUCTIONS = (
 _PREFIXED, _LOWERED, _HELDOUT = 0.3, 0.1, 0.25  # shares of captions / documents / scenes
 # share of captions behind their clip's fact sheet ("Sounds: two knocks, hum. <caption>"): text
 # whose start says what follows teaches the LM to write what its context says, as a pretrained
-# LLM does and stage 2's soft prompt needs (measured on the default corpus: at 0.3 of captions and
-# 300 steps, 3-beam captions after a fact sheet were all right for 0.07 of scenes; at 0.6, 0.08
-# after 300 steps, 0.87 after 600 and 0.85 after 900)
+# LLM does and stage 2's soft prompt needs; a smaller share, or too few steps, left the LM
+# writing plausible captions whatever its fact sheet said (docs/results.md has the runs)
 _FACTED = 0.6
 _INSTRUCTED = 1  # instruction + answer documents per clip (2 cost stage-2 captions more)
 _LLM_MIX = InstructionMix(dict.fromkeys(("caption", "detailed", "qa", "classify", "tag"), 1.0))
@@ -286,7 +285,7 @@ def _fit(
     steps, batch_size, block_size = knobs["steps"], knobs["batch_size"], knobs["block_size"]
     lr = knobs["lr"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    schedule = warmup_cosine(optimizer, steps)
+    schedule = warmup_cosine_lr(optimizer, steps)
     starts = torch.randint(0, max(1, len(stream) - block_size), (steps, batch_size))
     window = torch.arange(block_size)
     model.train()
@@ -432,10 +431,8 @@ def bootstrap_llm(
     Runs once: when ``out_dir`` already holds a complete model, its metrics are returned and
     nothing trains. Everything is written to a temporary sibling folder and renamed into place, so
     an interrupted run never leaves a folder that looks complete. Same seed, same weights (on the
-    same machine and thread count). With the defaults on the default corpus it took 161 s on two
-    idle CPU cores (3.4 M parameters, 770 tokens; val loss 0.772 nats/token, perplexity 2.17,
-    untrained 6.77; captions after val fact sheets all right for 0.91 of scenes); it is far
-    slower on cores other processes keep busy.
+    same machine and thread count). What it takes and reaches with the defaults on the default
+    corpus is in docs/results.md; it is far slower on cores other processes keep busy.
 
     Args:
         corpus_dir: the built-in corpus (``slit data synth --out DIR``): its ``train.jsonl`` gives
@@ -451,7 +448,8 @@ def bootstrap_llm(
         num_heads: attention heads (each ``hidden_size / num_heads`` wide).
         block_size: training window in tokens, also the model's maximum positions.
         steps: AdamW steps (linear warm-up over the first 5 %, then cosine decay). Writing what
-            the context says appears between 300 and 600 steps on the default corpus.
+            the context says appears only late in training on the default corpus, and the
+            default leaves room for it (docs/builtin.md).
         batch_size: windows of ``block_size`` tokens per step.
         lr: peak learning rate.
         bf16: train under bf16 autocast (float32 weights and loss); None: where the CPU

@@ -244,7 +244,7 @@ def _tokenize(
 
 
 def _run_meteor(gts: Tokenized, res: Tokenized, out: CaptionScores) -> None:
-    meteor = Meteor()  # starts the JVM (about 5 s: it loads the paraphrase table)
+    meteor = Meteor()  # starts the JVM, which is slow: it loads the paraphrase table
     try:
         out.values["meteor"] = float(meteor.compute_score(gts, res)[0])
     except (ValueError, OSError) as err:

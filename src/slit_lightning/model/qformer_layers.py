@@ -210,8 +210,8 @@ def _sdpa(
 ) -> Tensor:
     """Scaled dot-product attention. In bf16 on a CPU it runs PyTorch's math kernel: for the
     Q-Former's short, masked sequences PyTorch's own pick, the fused flash kernel, was slower
-    there, its backward most of all (the demo's stage-1 step 1.23x; in float32 the two are even,
-    0.97x, so float32 keeps PyTorch's pick). ``make bench`` times both."""
+    there, its backward most of all; in float32 the two are even, so float32 keeps PyTorch's
+    pick. ``make bench`` times both (docs/benchmarks.md has the figures)."""
     if CPU_MATH_ATTENTION and queries.device.type == "cpu" and queries.dtype == torch.bfloat16:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(queries, keys, values, mask, dropout)

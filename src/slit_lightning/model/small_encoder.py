@@ -30,7 +30,7 @@ __all__ = ["SMALL_MODEL_TYPE", "CountReadout", "SmallAudioConfig", "SmallAudioMo
 
 SMALL_MODEL_TYPE = "slit_small_audio"
 _LOG_FLOOR = 1e-8  # power floor before the log: digital silence maps to a finite value
-_LOG_SHIFT, _LOG_SCALE = 8.0, 8.0  # log-mel of the built-in corpus has mean ~ -8.5, std ~ 8
+_LOG_SHIFT, _LOG_SCALE = 8.0, 8.0  # bring the built-in corpus's log-mel near mean 0, spread 1
 
 
 class CountReadout(nn.Module):
@@ -94,8 +94,8 @@ class SmallAudioConfig(PretrainedConfig):
     :class:`~slit_lightning.builtin.encoder_counts.CountReadout` for those event types with
     ``count_classes`` classes (no event, then counts 1 .. ``count_classes - 1``), ``count_width``
     channels, a ``count_kernel``-frame convolution, and ``count_scale`` times its probabilities
-    added to the last layer's frames. Scale 8 against frames of median norm 16 was measured: at
-    scale 2 the captions' counts barely moved.
+    added to the last layer's frames. The scale must be large next to the frames' own norm, or
+    the counts hardly reach the captions (docs/builtin.md).
     """
 
     model_type = SMALL_MODEL_TYPE
@@ -176,7 +176,7 @@ class SmallAudioModel(PreTrainedModel):
             )
             for _ in range(c.num_hidden_layers)
         )
-        # conv features start ~30x smaller than the sinusoids; normalising them keeps the content
+        # conv features start far smaller than the sinusoids; normalising them keeps the content
         # from drowning in the positions
         self.conv_norm = nn.LayerNorm(c.hidden_size)
         self.norm = nn.LayerNorm(c.hidden_size)

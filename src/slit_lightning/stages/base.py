@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -22,8 +23,9 @@ from slit_lightning.model.state import (
     stage_of,
 )
 from slit_lightning.training.checkpointing import NonFiniteGuard, RNGState
+from slit_lightning.training.schedule import warmup_cosine
 
-__all__ = ["CheckpointError", "SLITStage", "frozen_references", "stage_of", "warmup_cosine"]
+__all__ = ["CheckpointError", "SLITStage", "frozen_references", "gathered", "stage_of"]
 
 log = logging.getLogger(__name__)
 
@@ -287,16 +289,17 @@ class SLITStage(LightningModule):
 
 def fused_adamw_supported(params: list[Tensor]) -> bool:
     """Whether torch's fused AdamW kernel can update ``params``: one kernel for all tensors
-    instead of a dozen element-wise ops each (on CPU 7x faster for a BERT-base Q-Former's step:
-    0.04 s against 0.30 s)."""
+    instead of a dozen element-wise ops each, much faster on a CPU too (docs/benchmarks.md)."""
     return bool(params) and all(
         p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
     )
 
 
-def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
-    """Learning-rate factor: linear 0 -> 1 over ``warmup`` steps, then cosine 1 -> ``floor``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def gathered(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (any picklable value) in rank order; ``[obj]`` outside a process
+    group. What the stages' evaluation collects is gathered this way before it is scored."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts

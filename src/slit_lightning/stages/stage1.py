@@ -35,7 +35,7 @@ from slit_lightning.losses import (
 )
 from slit_lightning.metrics.retrieval import retrieval_metrics
 from slit_lightning.model.qformer import AudioKV, QFormer, StackedAudioKV
-from slit_lightning.stages.base import SLITStage
+from slit_lightning.stages.base import SLITStage, gathered
 
 
 class Stage1(SLITStage):
@@ -429,11 +429,10 @@ def _gather_eval(store: dict[str, list[Any]]) -> dict[str, Any]:
         "feats": store["feats"],
         "captions": store["captions"],
     }
-    if not (dist.is_available() and dist.is_initialized()):
+    everyone = gathered(local)
+    if len(everyone) == 1:
         return local
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    parts = [p for p in parts if p["audio"].shape[0]]  # a rank may have had no clips
+    parts = [p for p in everyone if p["audio"].shape[0]]  # a rank may have had no clips
     if not parts:
         return local
     offsets = torch.tensor([0] + [p["audio"].shape[0] for p in parts]).cumsum(0)

@@ -22,7 +22,13 @@ from slit_lightning.metrics.captioning import CaptionScores, caption_metrics, re
 from slit_lightning.model.llm import FrozenLLM, Generation
 from slit_lightning.model.qformer import AudioKV, QFormer
 from slit_lightning.model.state import check_state, read_checkpoint
-from slit_lightning.stages.base import CheckpointError, SLITStage, frozen_references, stage_of
+from slit_lightning.stages.base import (
+    CheckpointError,
+    SLITStage,
+    frozen_references,
+    gathered,
+    stage_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +298,5 @@ def freeze_text_path(qformer: QFormer) -> None:
 
 def _gather(store: dict[str, list[Any]]) -> dict[str, list[Any]]:
     """Every rank's collected captions (one list per key, rank order)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return store
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, store)
+    parts = gathered(store)
     return {key: [x for part in parts for x in part[key]] for key in store}

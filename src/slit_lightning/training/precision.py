@@ -1,12 +1,13 @@
 """bf16 on the CPU: autocast where the processor multiplies bf16 natively, else float32.
 
-CPUs with AVX512-BF16 or AMX (recent Xeon and EPYC) run bf16 matrix products two to three times
-faster than float32; elsewhere bf16 is emulated and slower. The bootstrap trainers of the built-in
-models use :func:`cpu_autocast` (float32 weights, optimizer state and losses; bf16 products).
-For the stages, Lightning's ``trainer.precision: bf16-mixed`` does the same, and the demo's
-configs ask for :func:`cpu_precision` (``${cpu_precision:}`` in YAML) where it pays: a stage-2 step
-(windowed Q-Former into the built-in LLM) took 0.55 s against 0.72 s in float32, while a stage-1
-step did not gain (2.12 s against 2.17 s), so stage 1 keeps float32.
+CPUs with AVX512-BF16 or AMX (recent Xeon and EPYC) run bf16 matrix products faster than
+float32; elsewhere bf16 is emulated and slower. The bootstrap trainers of the built-in models use
+:func:`cpu_autocast` (float32 weights, optimizer state and losses; bf16 products). For the
+stages, Lightning's ``trainer.precision: bf16-mixed`` does the same, and the demo's configs ask
+for :func:`cpu_precision` (``${cpu_precision:}`` in YAML) in every stage: bf16 pays in stage 2,
+and in stage 1 too once the Q-Former's bf16 attention runs on PyTorch's math kernel
+(:data:`slit_lightning.model.qformer_layers.CPU_MATH_ATTENTION`). docs/benchmarks.md has the
+timings.
 """
 
 from __future__ import annotations
