@@ -195,5 +195,5 @@ def test_ask_answers_about_one_file(checkpoints, tmp_path, capsys):
     # an instruction-tuned checkpoint captions plain audio files too
     main(["caption", str(clip), "--ckpt", str(checkpoints["instruct"]), "--max_new_tokens", "3"])
     assert capsys.readouterr().out.startswith(str(clip))
-    with pytest.raises(SystemExit, match="is not a stage-2 checkpoint"):
+    with pytest.raises(SystemExit, match="slit ask needs an LLM, which this stage-1 model lacks"):
         main(["ask", str(clip), "Why?", "--ckpt", str(checkpoints["stage1"])])
