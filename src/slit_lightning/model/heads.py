@@ -8,8 +8,10 @@
 - :class:`SLITParts`: the encoder and whichever of the two a checkpoint or export holds, with
   the crop and where each part came from.
 
-They repeat the few lines of the stage modules' forward passes that inference needs, so that an
-exported model runs without the LightningModules; tests compare them with the stages.
+The forward passes both they and the stage modules run are the functions here
+(:func:`audio_embeddings`, :func:`text_embeddings`, :func:`soft_prompt`): a stage trains the
+modules, these functions say what they compute, so training, evaluation and inference cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -24,11 +26,52 @@ from torch import Tensor, nn
 from slit_lightning.instructions import TASKS
 from slit_lightning.model.encoders import AudioEncoder
 from slit_lightning.model.llm import FrozenLLM, Generation
-from slit_lightning.model.qformer import QFormer
+from slit_lightning.model.qformer import AudioKV, QFormer
 
 CAPTION_INSTRUCTION = TASKS["caption"][0][0]  # what instruction tuning trained captions with
 CLASSIFY_INSTRUCTION = TASKS["classify"][0][0]
 LABEL_PAIRS_PER_CALL = 64  # (clip, label) pairs scored per LLM call by generative classify
+
+
+def audio_embeddings(qformer: QFormer, audio_proj: nn.Linear, kv: AudioKV) -> Tensor:
+    """Queries read the audio (``kv`` of ``B`` clips) -> ``(B, N, E)`` normalised contrastive
+    features, one per query."""
+    return F.normalize(audio_proj(qformer(audio_kv=kv, mode="unimodal").query), dim=-1)
+
+
+def text_embeddings(
+    qformer: QFormer,
+    text_proj: nn.Linear,
+    ids: Tensor,
+    mask: Tensor,
+    pooling: str,
+    words: Tensor | None = None,
+) -> Tensor:
+    """Text alone ``(B, L)`` -> ``(B, E)`` normalised contrastive features, pooled as stage 1
+    trained (``cls``: the [CLS] state; ``mean``: the mean of the tokens); ``words``: the text's
+    ``qformer.embed_text(ids)`` when a caller already has it."""
+    given = {"text_ids": ids} if words is None else {"text_embeds": words}
+    text = qformer(**given, text_mask=mask, use_queries=False).text
+    if pooling == "cls":
+        pooled = text[:, 0]
+    else:
+        weights = mask[..., None].to(text.dtype)
+        pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return F.normalize(text_proj(pooled), dim=-1)
+
+
+def soft_prompt(
+    qformer: QFormer,
+    llm_proj: nn.Linear,
+    kv: AudioKV,
+    windows: int,
+    ids: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Queries read the audio -> ``(B, N * windows, W)`` inputs for the LLM (``W`` its width);
+    with an instruction's ``ids`` / ``mask`` ``(B, L)`` the queries read it too (instruction
+    tuning), without it they do not (stage 2)."""
+    return llm_proj(qformer.window_queries(kv, windows, ids, mask))
 
 
 class ContrastiveHeads(nn.Module):
@@ -62,8 +105,7 @@ class ContrastiveHeads(nn.Module):
     def audio(self, feats: Tensor, frames: Tensor) -> Tensor:
         """Encoder features ``(B, T, D)`` + mask ``(B, T)`` -> ``(B, N, E)`` query embeddings."""
         kv = self.qformer.audio_keys_values(feats, frames)
-        queries = self.qformer(audio_kv=kv, mode="unimodal").query
-        return F.normalize(self.audio_proj(queries), dim=-1)
+        return audio_embeddings(self.qformer, self.audio_proj, kv)
 
     def text(self, texts: list[str]) -> Tensor:
         """``T`` texts -> ``(T, E)`` embeddings ([CLS] or mean of tokens, as trained)."""
@@ -73,13 +115,8 @@ class ContrastiveHeads(nn.Module):
             return_tensors="pt",
         )  # fmt: skip
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        text = self.qformer(text_ids=ids, text_mask=mask, use_queries=False).text
-        if self.text_pooling == "cls":
-            pooled = text[:, 0]
-        else:
-            weights = mask[..., None].to(text.dtype)
-            pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return F.normalize(self.text_proj(pooled), dim=-1)
+
+        return text_embeddings(self.qformer, self.text_proj, ids, mask, self.text_pooling)
 
 
 class TextGenerator(nn.Module):
@@ -127,14 +164,14 @@ class TextGenerator(nn.Module):
         queries read ``instructions`` (one per clip), stage 2's do not."""
         kv = self.qformer.audio_keys_values(feats, frames)
         if not self.instructed:
-            return self.llm_proj(self.qformer.window_queries(kv, self.windows))
+            return soft_prompt(self.qformer, self.llm_proj, kv, self.windows)
         device = self.llm_proj.weight.device
         tokens = self.tokenizer(
             instructions, padding="longest", truncation=True,
             max_length=self.max_instruction_len, return_tensors="pt",
         )  # fmt: skip
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        return self.llm_proj(self.qformer.window_queries(kv, self.windows, ids, mask))
+        return soft_prompt(self.qformer, self.llm_proj, kv, self.windows, ids, mask)
 
     def answer(
         self, feats: Tensor, frames: Tensor, instructions: list[str], settings: Generation | None

@@ -31,6 +31,7 @@ from slit_lightning.instructions import (
     evaluation_examples,
 )
 from slit_lightning.metrics.answers import answer_rows, score_answers
+from slit_lightning.model.heads import soft_prompt
 from slit_lightning.model.qformer import AudioKV
 from slit_lightning.model.state import check_state
 from slit_lightning.stages.base import CheckpointError, frozen_references
@@ -119,7 +120,7 @@ class Instruct(Stage2):
         ids, mask = self.tokenize(
             self.tokenizer, instructions, self.hparams.max_instruction_len, pad_to_max=False
         )
-        return self.llm_proj(self.qformer.window_queries(kv, self.hparams.windows, ids, mask))
+        return soft_prompt(self.qformer, self.llm_proj, kv, self.hparams.windows, ids, mask)
 
     def caption(self, batch: dict[str, Any], settings: Any = None) -> list[str]:
         """A caption per clip, asked with the first training wording of the caption task."""

@@ -34,6 +34,7 @@ from slit_lightning.losses import (
     sample_hard_negatives,
 )
 from slit_lightning.metrics.retrieval import retrieval_metrics
+from slit_lightning.model.heads import audio_embeddings, text_embeddings
 from slit_lightning.model.qformer import AudioKV, QFormer, StackedAudioKV
 from slit_lightning.stages.base import SLITStage, gathered
 
@@ -126,7 +127,7 @@ class Stage1(SLITStage):
 
     def audio_embeddings(self, kv: AudioKV) -> Tensor:
         """Queries read the audio -> ``(B, N, E)`` normalised contrastive features."""
-        return self.project_queries(self.qformer(audio_kv=kv, mode="unimodal").query)
+        return audio_embeddings(self.qformer, self.audio_proj, kv)
 
     def project_queries(self, queries: Tensor) -> Tensor:
         """Query outputs ``(B, N, H)`` -> ``(B, N, E)`` normalised contrastive features."""
@@ -135,13 +136,8 @@ class Stage1(SLITStage):
     def text_embeddings(self, ids: Tensor, mask: Tensor, words: Tensor | None = None) -> Tensor:
         """Text alone -> ``(B, E)`` normalised contrastive features ([CLS] or mean of tokens);
         ``words``: the step's shared ``qformer.embed_text(ids)``, if any."""
-        text = self.qformer(**_text(ids, words), text_mask=mask, use_queries=False).text
-        if self.hparams.text_pooling == "cls":
-            pooled = text[:, 0]
-        else:
-            weights = mask[..., None].to(text.dtype)
-            pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return F.normalize(self.text_proj(pooled), dim=-1)
+        pooling = self.hparams.text_pooling
+        return text_embeddings(self.qformer, self.text_proj, ids, mask, pooling, words)
 
     def match_logits(
         self,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from slit_lightning.metrics.captioning import CaptionScores, caption_metrics, require_java
+from slit_lightning.model.heads import soft_prompt
 from slit_lightning.model.llm import FrozenLLM, Generation
 from slit_lightning.model.qformer import AudioKV, QFormer
 from slit_lightning.model.state import check_state, read_checkpoint
@@ -173,7 +174,7 @@ class Stage2(SLITStage):
 
     def soft_prompt(self, kv: AudioKV) -> Tensor:
         """Queries read the audio -> ``(B, N * windows, W)`` inputs for the LLM (``W`` its width)."""
-        return self.llm_proj(self.qformer.window_queries(kv, self.hparams.windows))
+        return soft_prompt(self.qformer, self.llm_proj, kv, self.hparams.windows)
 
     def audio_soft_prompt(self, batch: dict[str, Any]) -> Tensor:
         """Waveforms ``(B, S)`` (+ mask) -> soft prompt ``(B, N * windows, W)``."""
