@@ -192,6 +192,25 @@ def evaluation_examples(
     return [make_example(task, clip, wording, rng, vocabulary)]
 
 
+def batch_examples(
+    task: str,
+    clips: Sequence[ClipText],
+    wordings: Wordings,
+    rng: random.Random,
+    vocabulary: Sequence[str],
+) -> tuple[list[Example], list[int]]:
+    """The examples ``task`` is scored on for a batch of clips, and the clip row of each: what
+    ``slit eval`` and instruction tuning's validation both ask. ``vocabulary`` is the labels of
+    the whole split (``choose`` draws its other options from it)."""
+    examples: list[Example] = []
+    rows: list[int] = []
+    for i, clip in enumerate(clips):
+        found = evaluation_examples(task, clip, wordings, rng, vocabulary)
+        examples += found
+        rows += [i] * len(found)
+    return examples, rows
+
+
 # ---------------------------------------------------------------------------- scoring answers
 
 

@@ -167,3 +167,27 @@ def test_warns_when_it_reads_other_windows_than_its_stage2(
         assert not caplog.records
         make_instruct(tiny_encoder, tiny_bert, llm, path, windows=3)
     assert "trained reading 2 window(s) per clip, this run reads 3" in caplog.text
+
+
+def test_validation_asks_choose_from_the_splits_labels_as_slit_eval_does(
+    tiny_encoder, tiny_bert, tiny_llm_factory, stage2_ckpt, clip_dir, tmp_path
+):
+    """One clip per batch holds one label: only the split's label set gives `choose` the other
+    options it needs, as `slit eval` has them (a batch's own labels would give none)."""
+    rows = [json.loads(line) for line in (clip_dir / "train.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["labels"] = [("hum", "beeps", "siren")[i % 3]]
+    manifest = str(write_manifest(clip_dir / "labelled.jsonl", rows))
+    model = make_instruct(
+        tiny_encoder, tiny_bert, tiny_llm_factory("opt"), stage2_ckpt[0], eval_tasks=("choose",)
+    )
+    dm = AudioTextDataModule(val=manifest, batch_size=1, num_workers=0, max_seconds=0.5)
+    assert dm.labels("val") == ["beeps", "hum", "siren"]
+    trainer = pl.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, limit_val_batches=3,
+    )  # fmt: skip
+    trainer.validate(model, datamodule=dm)
+    choose = json.loads((tmp_path / "val_answers.json").read_text())["answers"]
+    assert len(choose) == 3 and all(row["task"] == "choose" for row in choose)
+    assert "val/choose_accuracy" in trainer.callback_metrics

@@ -412,6 +412,17 @@ class AudioTextDataModule(LightningDataModule):
         dataset.loader_workers = self.hparams.num_workers
         return dataset
 
+    def labels(self, split: str) -> list[str]:
+        """Every class label of ``split``'s records, sorted (read from the sources; no audio is
+        decoded): the label set classification and ``choose`` are scored against."""
+        self.setup()
+        found: set[str] = set()
+        for source in self.sources.get(split, []):
+            for unit in range(source.num_units):
+                for record in source.iter_unit(unit):
+                    found.update(getattr(record, "labels", ()))
+        return sorted(found)
+
     def loader(self, split: Split, audio_samples: int | None = None) -> StreamLoader:
         """A DataLoader for ``split`` (what the ``*_dataloader`` hooks return)."""
         dataset = self.stream(split, audio_samples)

@@ -30,7 +30,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from slit_lightning.data.datamodule import AudioTextDataModule
-from slit_lightning.instructions import ClipText, Example, Wordings, evaluation_examples
+from slit_lightning.instructions import ClipText, Example, Wordings, batch_examples
 from slit_lightning.metrics.answers import answer_rows, score_answers
 from slit_lightning.metrics.retrieval import retrieval_metrics
 from slit_lightning.stages import SLITStage, Stage1, Stage2
@@ -94,17 +94,6 @@ def table(reports: Sequence[EvalReport]) -> str:
     return "\n".join(lines)
 
 
-def data_labels(datamodule: AudioTextDataModule, split: str) -> list[str]:
-    """Every label of ``split``'s records (read from the sources, no audio decoded)."""
-    datamodule.setup()
-    labels: set[str] = set()
-    for source in datamodule.sources.get(split, []):
-        for unit in range(source.num_units):
-            for record in source.iter_unit(unit):
-                labels.update(getattr(record, "labels", ()))
-    return sorted(labels)
-
-
 @torch.no_grad()
 def evaluate(
     model: SLITStage,
@@ -123,7 +112,7 @@ def evaluate(
         raise ValueError(f"unknown tasks {sorted(unknown)}; tasks: {', '.join(TASKS)}")
     datamodule.require_captions = False
     datamodule.use_feature_cache(model.encoder.identity)
-    vocabulary = data_labels(datamodule, split)
+    vocabulary = datamodule.labels(split)
     report = EvalReport("", type(model).__name__, split, wordings)
     runnable = _runnable(model, tasks, vocabulary, report.skipped)
     store: dict[str, Any] = {"audio": [], "text": [], "text_clip": [], "labels": []}
@@ -142,11 +131,7 @@ def evaluate(
         for task in runnable:
             if task in CONTRASTIVE_TASKS:
                 continue
-            found, rows = [], []
-            for i, clip in enumerate(clips):
-                made = evaluation_examples(task, clip, wordings, rng, vocabulary)
-                found += made
-                rows += [i] * len(made)
+            found, rows = batch_examples(task, clips, wordings, rng, vocabulary)
             if found:
                 instructions = [e.instruction for e in found]
                 answers[task] += model.answer(batch, instructions, torch.tensor(rows))

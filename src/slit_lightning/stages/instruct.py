@@ -24,11 +24,10 @@ from slit_lightning.instructions import (
     DEFAULT_MIX,
     TASKS,
     ClipText,
-    Example,
     InstructionMix,
     Wordings,
+    batch_examples,
     can_do,
-    evaluation_examples,
 )
 from slit_lightning.metrics.answers import answer_rows, score_answers
 from slit_lightning.model.heads import soft_prompt
@@ -171,23 +170,29 @@ class Instruct(Stage2):
     # ------------------------------------------------------------------ evaluation
 
     def on_validation_epoch_start(self) -> None:
-        self._eval = {"task": [], "example": [], "prediction": [], "labels": [], "clip_id": []}
+        self._start_evaluation("val")
 
-    on_test_epoch_start = on_validation_epoch_start
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation("test")
+
+    def _start_evaluation(self, split: str) -> None:
+        self._eval = {"task": [], "example": [], "prediction": [], "labels": [], "clip_id": []}
+        # the split's label set, as `slit eval` reads it; None: the data module cannot say (a
+        # plain loader), and each batch's labels stand in
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        labels = getattr(datamodule, "labels", None)
+        self._vocabulary: list[str] | None = labels(split) if callable(labels) else None
 
     def _collect(self, batch: dict[str, Any]) -> None:
         rng = random.Random(f"eval/{batch['clip_id'][0]}")
         clips = ClipText.rows(batch)
         self._eval["labels"].extend(label for clip in clips for label in clip.labels)
+        vocabulary = self._vocabulary
+        if vocabulary is None:
+            vocabulary = sorted({label for c in clips for label in c.labels})
+        wordings = self.hparams.eval_wordings
         for task in self.hparams.eval_tasks:
-            examples: list[Example] = []
-            rows: list[int] = []
-            for i, clip in enumerate(clips):
-                # choose draws its other options from the labels of this batch
-                vocabulary = sorted({label for c in clips for label in c.labels})
-                found = evaluation_examples(task, clip, self.hparams.eval_wordings, rng, vocabulary)
-                examples += found
-                rows += [i] * len(found)
+            examples, rows = batch_examples(task, clips, wordings, rng, vocabulary)
             if not examples:
                 continue
             answers = self.answer(batch, [e.instruction for e in examples], torch.tensor(rows))
@@ -202,7 +207,7 @@ class Instruct(Stage2):
             return
         # every rank must take part in log_dir (a broadcast)
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        vocabulary = sorted(set(store["labels"]))
+        vocabulary = self._vocabulary or sorted(set(store["labels"]))
         logged: dict[str, float] = {}
         for task in self.hparams.eval_tasks:
             picked = [i for i, t in enumerate(store["task"]) if t == task]
