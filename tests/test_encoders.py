@@ -218,6 +218,21 @@ def test_whisper_checkpoint_loads_encoder_only(saved) -> None:
     assert frame_mask.shape[1] == 100 and int(frame_mask[0].sum()) == 50
 
 
+@pytest.mark.parametrize("family", ["whisper", "ast", "clap", "wav2vec2"])
+def test_features_are_extracted_outside_bf16_autocast(saved, family: str) -> None:
+    """Under bf16-mixed the stage runs the encoder inside autocast; the extractors' spectrograms
+    (Whisper's through torch, then numpy) must still be float32, and the frames close to
+    float32's."""
+    folder, _ = saved(family)
+    encoder = HFAudioEncoder.from_pretrained(str(folder))
+    wave, mask = _batch()
+    full, full_mask = encoder(wave, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, mixed_mask = encoder(wave, mask)
+    assert torch.equal(mixed_mask, full_mask)
+    torch.testing.assert_close(mixed.float(), full, atol=0.1, rtol=0.1)
+
+
 def test_from_model_unwraps_full_models_and_needs_the_extractor() -> None:
     torch.manual_seed(0)
     model, extractor, width = _whisper()

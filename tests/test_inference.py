@@ -127,3 +127,17 @@ def test_a_runs_checkpoint_finds_its_frozen_models_from_another_directory(
     shutil.rmtree(run / "runs" / "x" / "llm")  # gone: the stored reference stands, and fails
     with pytest.raises(LLMConfigError, match="cannot load the LLM 'runs/x/llm'"):
         load_stage(ckpt)
+
+
+def test_caption_and_ask_print_one_line_whatever_the_llm_writes(
+    stage2_ckpt, tmp_path, capsys, monkeypatch
+):
+    from slit_lightning.model.slit import SLIT
+
+    clips = [str(write_tone(tmp_path / f"{i}.wav")) for i in range(2)]
+    monkeypatch.setattr(SLIT, "caption", lambda self, audio, *a, **k: ["two\nlines", "a\ttab "])
+    main(["caption", *clips, "--ckpt", str(stage2_ckpt[0])])
+    assert capsys.readouterr().out.splitlines() == [f"{clips[0]}\ttwo lines", f"{clips[1]}\ta tab"]
+    monkeypatch.setattr(SLIT, "answer", lambda self, audio, question, **k: "yes,\n\nthree")
+    main(["ask", clips[0], "How many?", "--ckpt", str(stage2_ckpt[0])])
+    assert capsys.readouterr().out == "yes, three\n"

@@ -285,6 +285,13 @@ class HFAudioEncoder(AudioEncoder):
         lengths = lengths.clamp_min(min_samples)
         return arrays, lengths
 
+    def extract(self, arrays: list[np.ndarray], **kwargs: Any) -> Any:
+        """The feature extractor on per-clip arrays, outside any autocast: extractors compute
+        their spectrograms in float32 (some through torch, then numpy, which has no bfloat16),
+        whatever precision the model then runs in."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self.feature_extractor(arrays, sampling_rate=self.sample_rate, **kwargs)
+
     def run(self, **inputs: Tensor) -> Tensor:
         """Call the model on ``inputs`` (moved to its device/dtype); the chosen hidden state."""
         moved = {
@@ -341,12 +348,8 @@ class _WhisperEncoder(HFAudioEncoder):
         fe = self.feature_extractor
         arrays, lengths = self.clips(wave, mask)
         # Whisper's encoder only accepts the full window: pad every clip to it, mask afterwards.
-        feats = fe(
-            arrays,
-            sampling_rate=self.sample_rate,
-            padding="max_length",
-            return_tensors="pt",
-            device=str(self.device),
+        feats = self.extract(
+            arrays, padding="max_length", return_tensors="pt", device=str(self.device)
         )
         hidden = self.run(input_features=feats.input_features)
         return hidden, self.windowed_mask(lengths, hidden.shape[1], fe.n_samples)
@@ -365,7 +368,7 @@ class _ASTEncoder(HFAudioEncoder):
 
     def encode(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         arrays, lengths = self.clips(wave, mask)
-        feats = self.feature_extractor(arrays, sampling_rate=self.sample_rate, return_tensors="pt")
+        feats = self.extract(arrays, return_tensors="pt")
         hidden = self.run(input_values=feats.input_values)
         f_dim, t_dim = self.model.embeddings.get_shape(self.model.config)
         # Tokens: [CLS], [DIST], then patches frequency-major; average the frequency patches.
@@ -409,9 +412,7 @@ class _ClapEncoder(HFAudioEncoder):
         # window here, so "rand_trunc" never crops at random, and is_longer is False for all
         # (under fusion the extractor would flag one clip at random: non-deterministic features).
         truncation = "fusion" if self.model.config.enable_fusion else "rand_trunc"
-        feats = fe(
-            arrays, sampling_rate=self.sample_rate, truncation=truncation, return_tensors="pt"
-        )
+        feats = self.extract(arrays, truncation=truncation, return_tensors="pt")
         is_longer = torch.zeros(len(arrays), 1, dtype=torch.bool)
         hidden = self.run(input_features=feats.input_features, is_longer=is_longer)
         ratio = self.model.audio_encoder.freq_ratio
@@ -443,12 +444,8 @@ class _Wav2Vec2Encoder(HFAudioEncoder):
     def encode(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         arrays, lengths = self.clips(wave, mask, min_samples=self._receptive_field())
         # Ask for the mask either way: the extractor normalises each clip over its real samples.
-        feats = self.feature_extractor(
-            arrays,
-            sampling_rate=self.sample_rate,
-            padding=True,
-            return_attention_mask=True,
-            return_tensors="pt",
+        feats = self.extract(
+            arrays, padding=True, return_attention_mask=True, return_tensors="pt"
         )
         valid = self.model._get_feat_extract_output_lengths(lengths).long()
         if self.feature_extractor.return_attention_mask and self.model_type not in _NO_MASKING:
