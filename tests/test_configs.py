@@ -303,7 +303,7 @@ def test_demo_resolves_to_the_demo_settings(stage, capsys):
         assert trainer["check_val_every_n_epoch"] == trainer["max_epochs"]  # once, at the end
     assert {k: len(v) for k, v in callbacks.items()} == expected
     recent = callbacks[RECENT_CHECKPOINTS][0]
-    assert (recent["every_n_train_steps"], recent["keep_last"]) == (50, 1)
+    assert (recent["every_n_train_steps"], recent["keep_last"]) == (0, 1)
 
 
 def test_make_demo_runs_the_demo_commands_the_overlays_name():

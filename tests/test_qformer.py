@@ -764,3 +764,54 @@ def test_windowed_attention_maps_read_only_their_window(qformer: QFormer, batch:
         assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
         assert torch.all(w[1, :, :N, 2:] == 0) and torch.all(w[1, :, N:, :2] == 0)
         assert torch.all(w[1, :, :, 5:] == 0) and torch.all(w[0, :, N:, :3] == 0)
+
+
+# ---------------------------------------------------------------- published weights, as published
+
+
+def test_a_transformers_blip2_folder_loads_with_its_own_sizes(tmp_path, batch: dict) -> None:
+    """A BLIP-2 folder as transformers saves it: the Q-Former's 4 heads and 4 queries come from
+    its config.json (a default would say 12 and 32), and the outputs are transformers'."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=D_AUDIO, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=8, patch_size=4)  # fmt: skip
+    text = dict(model_type="opt", hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                num_attention_heads=2, vocab_size=VOCAB, word_embed_proj_dim=16)  # fmt: skip
+    config = Blip2Config(
+        vision_config=vision, qformer_config=HF_SIZES, text_config=text, num_query_tokens=N
+    )
+    whole = Blip2ForConditionalGeneration(config).eval()
+    _randomize(whole.qformer)
+    whole.save_pretrained(tmp_path / "blip2")
+    with pytest.warns(UserWarning, match="kept at fresh init"):  # no LM head, no text embeddings
+        ours = QFormer.from_pretrained(tmp_path / "blip2").eval()
+    assert (ours.config.num_heads, ours.num_queries, ours.config.encoder_width) == (4, N, D_AUDIO)
+    with torch.no_grad():
+        expected = whole.qformer(
+            query_embeds=whole.query_tokens.expand(3, -1, -1),
+            encoder_hidden_states=batch["audio"],
+            encoder_attention_mask=batch["audio_mask"].long(),
+        ).last_hidden_state
+        assert_close(ours(batch["audio"], batch["audio_mask"]).query, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="num_heads=12, but .* states 4"):
+        QFormer.from_pretrained(tmp_path / "blip2", num_heads=12)
+
+
+def test_a_lavis_checkpoint_file_as_published_needs_only_its_head_count(tmp_path, config) -> None:
+    """LAVIS and SALMONN save {"model": state_dict, "optimizer": ..., ...}: it loads as it is;
+    the head count, which no tensor records, is asked for instead of guessed."""
+    original = _randomize(QFormer(config), seed=5)
+    published = {"model": original.export_state_dict("lavis"), "optimizer": {}, "epoch": 3}
+    path = tmp_path / "checkpoint_best.pth"
+    torch.save(published, path)
+    with pytest.raises(ValueError, match="give num_heads"):
+        QFormer.from_pretrained(path)
+    loaded = QFormer.from_pretrained(path, num_heads=4, strict=True)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    (tmp_path / "other.pth").write_bytes(b"")
+    torch.save({"model": {"visual_encoder.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="holds no Q-Former weights"):
+        QFormer.from_pretrained(tmp_path / "other.pth", num_heads=4)

@@ -122,7 +122,9 @@ def fit_summary(trainer: Trainer) -> str:
     callback = trainer.checkpoint_callback
     if callback is not None and getattr(callback, "dirpath", None):
         best = getattr(callback, "best_model_path", "") or ""
-        lines.append(f"checkpoints: {callback.dirpath}" + (f" (best: {best})" if best else ""))
+        monitor = getattr(callback, "monitor", None)
+        shown = f" (best {monitor}: {best})" if best and monitor not in (None, "step") else ""
+        lines.append(f"checkpoints: {callback.dirpath}{shown}")
     if trainer.log_dir:
         lines.append(f"logs: {trainer.log_dir}")
     return "\n".join(lines)

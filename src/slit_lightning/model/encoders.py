@@ -444,9 +444,7 @@ class _Wav2Vec2Encoder(HFAudioEncoder):
     def encode(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         arrays, lengths = self.clips(wave, mask, min_samples=self._receptive_field())
         # Ask for the mask either way: the extractor normalises each clip over its real samples.
-        feats = self.extract(
-            arrays, padding=True, return_attention_mask=True, return_tensors="pt"
-        )
+        feats = self.extract(arrays, padding=True, return_attention_mask=True, return_tensors="pt")
         valid = self.model._get_feat_extract_output_lengths(lengths).long()
         if self.feature_extractor.return_attention_mask and self.model_type not in _NO_MASKING:
             hidden = self.run(input_values=feats.input_values, attention_mask=feats.attention_mask)

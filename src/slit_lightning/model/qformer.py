@@ -16,6 +16,7 @@ import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -39,6 +40,7 @@ from slit_lightning.model.qformer_layers import (
     StackedAudioKV,
     TextEmbeddings,
 )
+from slit_lightning.model.qformer_published import read_published
 
 __all__ = [
     "AttentionMode",
@@ -454,6 +456,7 @@ class QFormer(nn.Module):
         layout: Layout,
         config: QFormerConfig | None = None,
         strict: bool = True,
+        num_heads: int | None = None,
     ) -> QFormer:
         """A Q-Former holding a BLIP-2 / InstructBLIP / LAVIS checkpoint's weights.
 
@@ -461,19 +464,56 @@ class QFormer(nn.Module):
             state_dict: the Q-Former's weights, alone or inside a whole model's state dict (other
                 parts, e.g. ``vision_model.*``, are left out).
             layout: "hf_blip2", "hf_instructblip", "lavis" or "bert" (see `qformer_convert`).
-            config: sizes; None reads them from the tensor shapes and takes the heads, eps and
-                dropout from `QFormerConfig`'s defaults (BLIP-2's).
+            config: sizes; None reads them from the tensor shapes, with ``num_heads`` (no shape
+                records it) and eps and dropout from `QFormerConfig`'s defaults (BLIP-2's).
             strict: raise when the checkpoint lacks some of our weights (e.g. the LM head, which
                 transformers' checkpoints do not hold); False keeps them at their fresh init, with
                 a warning naming them.
+            num_heads: attention heads, when ``config`` is None (12 for the bert-base Q-Formers
+                of BLIP-2, InstructBLIP and SALMONN).
 
         Raises:
-            KeyError / ValueError naming the keys that do not fit (unknown, missing, wrong shape).
+            KeyError / ValueError naming the keys that do not fit (unknown, missing, wrong
+            shape), or a ValueError when neither ``config`` nor ``num_heads`` is given.
         """
         weights, origin = to_qformer(state_dict, layout)
-        model = cls(config or QFormerConfig(**infer_sizes(weights)))
+        if config is None:
+            if num_heads is None:
+                raise ValueError(
+                    "the number of attention heads is not in the weights: give num_heads (12 for"
+                    " the bert-base Q-Formers of BLIP-2, InstructBLIP and SALMONN) or a"
+                    " QFormerConfig; a transformers folder states it (QFormer.from_pretrained)"
+                )
+            config = QFormerConfig(**infer_sizes(weights), num_heads=num_heads)
+        model = cls(config)
         model.load_converted(weights, origin, strict=strict)
         return model
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, num_heads: int | None = None, strict: bool = False
+    ) -> QFormer:
+        """The Q-Former of a published model, as published.
+
+        Args:
+            name_or_path: a transformers BLIP-2 or InstructBLIP folder or hub id (sizes from its
+                ``config.json``; only the Q-Former's tensors are read), or a LAVIS / SALMONN
+                checkpoint file (``{"model": {...}}`` as published, or a bare state dict; sizes
+                from the tensor shapes).
+            num_heads: attention heads, needed for a checkpoint file only (its tensors do not
+                record it); refused if it contradicts a folder's config.
+            strict: as in :meth:`from_state_dict` (transformers' Q-Formers hold no LM head).
+        """
+        published = read_published(name_or_path)
+        if not published.config:
+            return cls.from_state_dict(
+                published.state_dict, published.layout, strict=strict, num_heads=num_heads
+            )
+        stated = published.config["num_heads"]
+        if num_heads is not None and num_heads != stated:
+            raise ValueError(f"num_heads={num_heads}, but {name_or_path} states {stated}")
+        config = QFormerConfig(**published.config)
+        return cls.from_state_dict(published.state_dict, published.layout, config, strict)
 
     def load_converted(
         self,
