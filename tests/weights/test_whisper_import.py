@@ -21,12 +21,11 @@ from slit_lightning.weights.ctranslate2 import read_ctranslate2
 from slit_lightning.weights.whisper import (
     DISTRIBUTIONS,
     WhisperSource,
-    check_whisper,
     convert_whisper,
     import_whisper,
     source_beside,
-    transcribe,
 )
+from slit_lightning.weights.whisper_check import check_whisper, transcribe
 
 SPECIALS = [
     "<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|fr|>", "<|translate|>",

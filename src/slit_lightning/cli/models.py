@@ -82,7 +82,7 @@ def _import(name: str, folder: Path) -> None:
 
 def _check(name: str, folder: Path) -> dict[str, Any]:
     if name == "whisper-base":
-        from slit_lightning.weights.whisper import check_whisper
+        from slit_lightning.weights.whisper_check import check_whisper
 
         return check_whisper(folder)
     from slit_lightning.weights.smollm2 import check_smollm2
