@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +282,15 @@ def stage_checkpoints(tiny_encoder, tiny_bert, tiny_llm_factory, tmp_path_factor
     instruct = Instruct(str(tiny_encoder), str(tiny_bert), llm, str(paths["stage2"]), **shared)
     paths["instruct"] = _save_stage(instruct, folder / "instruct.ckpt")
     return paths
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``):
+    models this small run no faster on two threads, and far slower when the cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
