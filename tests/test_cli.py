@@ -235,3 +235,8 @@ def test_decoding_comes_from_the_command_line_not_from_the_checkpoint(tmp_path, 
     assert args["generation"]["num_beams"] == 5  # the command line
     assert args["generation"]["repetition_penalty"] == 1.2  # the YAML, not the checkpoint's 1.0
     assert args["windows"] == 2 and args["encoder"] == "stored-encoder"  # the checkpoint's
+
+
+def test_a_bad_synth_argument_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="slit: clip_seconds must be a number from 1.0 to 60.0"):
+        main(["data", "synth", "--out", str(tmp_path), "--clip_seconds", "0.5"])

@@ -98,3 +98,22 @@ def test_the_inference_api_loads_without_lightning_or_the_built_in_default():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] []"
+
+
+def _modules_after(call: str) -> list[str]:
+    code = (
+        "import sys; from slit_lightning.cli.main import main;"
+        f"main({call});"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith('lightning')}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_commands_that_do_not_train_never_import_lightning(tmp_path, stage_checkpoints):
+    corpus = tmp_path / "corpus"
+    synth = ["data", "synth", "--out", str(corpus), "--clips", "8", "--clip_seconds", "1.0"]
+    assert _modules_after(repr([*synth, "--quiet"])) == "[]"
+    clip = str(next((corpus / "audio").rglob("*.flac")))
+    caption = ["caption", clip, "--ckpt", str(stage_checkpoints["stage2"]), "--max_new_tokens", "3"]
+    assert _modules_after(repr(caption)) == "[]"

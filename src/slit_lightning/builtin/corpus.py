@@ -37,6 +37,7 @@ import soundfile as sf
 from slit_lightning.atomic import write_file_atomic
 from slit_lightning.builtin import corpus_text as synth_text
 from slit_lightning.builtin.corpus_text import EVENT_LABELS
+from slit_lightning.data.sources import DataConfigError
 
 GENERATOR_VERSION = "slit-synth-1"
 SPLITS = ("train", "val", "test", "zeroshot")
@@ -88,14 +89,14 @@ def _check_args(
         return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
     if not is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
+        raise DataConfigError(f"seed must be a non-negative integer; got {seed!r}")
     if not is_int(clips) or clips < len(SPLITS):
-        raise ValueError(
+        raise DataConfigError(
             f"clips must be an integer >= 4 (at least one clip per split: {', '.join(SPLITS)}); "
             f"got {clips!r}"
         )
     if not is_int(sample_rate) or not 8000 <= sample_rate <= 96000:
-        raise ValueError(
+        raise DataConfigError(
             f"sample_rate must be an integer from 8000 to 96000 Hz; got {sample_rate!r}"
         )
     if (
@@ -103,9 +104,11 @@ def _check_args(
         or not isinstance(clip_seconds, (int, float))
         or not (1.0 <= clip_seconds <= 60.0)
     ):
-        raise ValueError(f"clip_seconds must be a number from 1.0 to 60.0; got {clip_seconds!r}")
+        raise DataConfigError(
+            f"clip_seconds must be a number from 1.0 to 60.0; got {clip_seconds!r}"
+        )
     if audio_format not in AUDIO_FORMATS:
-        raise ValueError(f"audio_format must be one of {AUDIO_FORMATS}; got {audio_format!r}")
+        raise DataConfigError(f"audio_format must be one of {AUDIO_FORMATS}; got {audio_format!r}")
 
 
 def synthesize_corpus(
@@ -142,7 +145,9 @@ def synthesize_corpus(
         or not isinstance(train_clips, (int, np.integer))
         or train_clips < 1
     ):
-        raise ValueError(f"train_clips must be a positive integer or None; got {train_clips!r}")
+        raise DataConfigError(
+            f"train_clips must be a positive integer or None; got {train_clips!r}"
+        )
     settings = _Settings(int(seed), int(sample_rate), float(clip_seconds), audio_format)
     out, pairs = Path(out_dir), heldout_pairs(int(seed))
     sizes = split_sizes(int(clips), None if train_clips is None else int(train_clips))
