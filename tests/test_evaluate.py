@@ -197,3 +197,9 @@ def test_ask_answers_about_one_file(checkpoints, tmp_path, capsys):
     assert capsys.readouterr().out.startswith(str(clip))
     with pytest.raises(SystemExit, match="slit ask needs an LLM, which this stage-1 model lacks"):
         main(["ask", str(clip), "Why?", "--ckpt", str(checkpoints["stage1"])])
+
+
+def test_an_unknown_task_is_one_line(checkpoints, tmp_path):
+    with pytest.raises(SystemExit, match=r"slit: unknown tasks \['bogus'\]; tasks: retrieval"):
+        main(["eval", "--ckpt", f"[{checkpoints['stage1']}]", "--split", "zeroshot",
+              "--tasks", "[bogus]", "--out", str(tmp_path)])  # fmt: skip

@@ -30,6 +30,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from slit_lightning.data.datamodule import AudioTextDataModule
+from slit_lightning.errors import SLITError
 from slit_lightning.instructions import ClipText, Example, Wordings, batch_examples
 from slit_lightning.metrics.answers import answer_rows, score_answers
 from slit_lightning.metrics.retrieval import retrieval_metrics
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 CONTRASTIVE_TASKS = ("retrieval", "classify_contrastive")
 GENERATION_TASKS = ("caption", "qa", "classify", "tag", "choose")
 TASKS = CONTRASTIVE_TASKS + GENERATION_TASKS
+
+
+class EvaluationError(SLITError, ValueError):
+    """An evaluation that cannot run as asked (an unknown task, ...); the message says why."""
 
 
 @dataclass
@@ -109,7 +114,7 @@ def evaluate(
     them."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; tasks: {', '.join(TASKS)}")
+        raise EvaluationError(f"unknown tasks {sorted(unknown)}; tasks: {', '.join(TASKS)}")
     datamodule.require_captions = False
     datamodule.use_feature_cache(model.encoder.identity)
     vocabulary = datamodule.labels(split)
