@@ -568,3 +568,127 @@ def test_bootstrap_on_the_default_corpus_tags_well_above_chance(tmp_path: Path) 
     assert metrics["val_map"] > 0.9 and metrics["extra_scenes"] == 2100
     assert metrics["crop_seconds"] == 2.5
     assert metrics["count_train_clips"] == 4200 and metrics["count_event_accuracy"] > 0.6
+
+
+# -- Whisper on the clip's own length ---------------------------------------------------------
+
+
+def _whisper_pair(saved, layer: int = -1) -> tuple[HFAudioEncoder, HFAudioEncoder]:
+    """The tiny Whisper (2 s window) padded (default) and on each clip's own length."""
+    folder, _ = saved("whisper")
+    padded = HFAudioEncoder.from_pretrained(str(folder), layer=layer)
+    own = HFAudioEncoder.from_pretrained(str(folder), layer=layer, window="clip")
+    return padded, own
+
+
+def test_whisper_default_window_is_transformers_own_forward(saved) -> None:
+    """The default still pads to the window and runs the model's own forward, frames unchanged."""
+    padded, _ = _whisper_pair(saved)
+    assert padded.window == "full" and ":window" not in padded.identity
+    wave, mask = _batch()
+    frames, frame_mask = padded(wave, mask)
+    arrays = [wave[0].numpy(), wave[1, :SHORT].numpy()]
+    feats = padded.feature_extractor(
+        arrays, sampling_rate=RATE, padding="max_length", return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = padded.model(input_features=feats.input_features).last_hidden_state
+    assert torch.equal(frames, expected)
+    assert frame_mask.shape == (2, 100) and frame_mask.sum(1).tolist() == [50, 29]
+
+
+@pytest.mark.parametrize("layer", [-1, -2, -3])
+def test_whisper_clip_window_on_a_window_long_clip_is_the_padded_run(saved, layer: int) -> None:
+    """A clip filling the window needs no padding: the own-length path (the encoder's submodules
+    called in turn) gives what transformers' forward gives, at every hidden state."""
+    padded, own = _whisper_pair(saved, layer)
+    torch.manual_seed(1)
+    wave = 0.1 * torch.randn(1, 2 * RATE)
+    mask = torch.ones_like(wave, dtype=torch.bool)
+    full, full_mask = padded(wave, mask)
+    ours, ours_mask = own(wave, mask)
+    assert ours.shape == full.shape == (1, 100, 32) and ours_mask.all() and full_mask.all()
+    torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_whisper_clip_window_frames_cover_the_clip_and_ignore_batch_mates(
+    saved, layer: int
+) -> None:
+    padded, own = _whisper_pair(saved, layer)
+    wave, mask = _batch()
+    frames, frame_mask = own(wave, mask)
+    # one frame per 20 ms of the longest clip, no more; the short clip's frames a prefix
+    assert frames.shape == (2, 50, 32) and frame_mask.sum(1).tolist() == [50, 29]
+    assert not frames[1, 29:].any()
+    # the short clip alone, and beside another clip of its own length, gives the same frames
+    alone, alone_mask = own(wave[1:, :SHORT], mask[1:, :SHORT])
+    assert alone.shape == (1, 29, 32) and alone_mask.all()
+    torch.testing.assert_close(alone[0], frames[1, :29], atol=1e-5, rtol=1e-5)
+    twins, _ = own(torch.cat([wave[1:, :SHORT], -wave[1:, :SHORT]]), mask[:, :SHORT])
+    torch.testing.assert_close(twins[0], alone[0], atol=1e-5, rtol=1e-5)
+    # close to the padded run's first frames, not equal (no silence after the clip to attend to)
+    reference, _ = padded(wave, mask)
+    similarity = nn.functional.cosine_similarity(frames[1, :29], reference[1, :29], dim=-1)
+    assert float(similarity.mean()) > 0.9 and not torch.allclose(frames[1], reference[1, :50])
+
+
+def test_whisper_window_is_part_of_the_identity_and_checked(saved) -> None:
+    padded, own = _whisper_pair(saved)
+    assert own.identity == padded.identity + ":window-clip"
+    folder, _ = saved("whisper")
+    with pytest.raises(EncoderConfigError, match="not one of 'full', 'clip'"):
+        HFAudioEncoder.from_pretrained(str(folder), window="own")
+    hubert, _ = saved("hubert")
+    with pytest.raises(EncoderConfigError, match="window='clip' is for Whisper"):
+        HFAudioEncoder.from_pretrained(str(hubert), window="clip")
+    model, extractor, _ = _whisper()
+    assert HFAudioEncoder.from_model(model, extractor, window="clip").window == "clip"
+
+
+def test_stage_encoder_window_reaches_the_encoder_and_its_checkpoint(
+    saved, tiny_bert: Path, tmp_path: Path
+) -> None:
+    """``encoder_window`` goes from the stage to the encoder, and a checkpoint loads with the
+    window it was trained with; checkpoints from before the setting load with the full window."""
+    from slit_lightning.model.export import export_model, load_exported
+    from slit_lightning.model.load import read_training_checkpoint
+    from slit_lightning.stages import Stage1
+    from tests.conftest import _save_stage
+
+    folder, _ = saved("whisper")
+    common = {"bert": str(tiny_bert), "num_queries": 2, "embed_dim": 8}
+    clip = Stage1(str(folder), encoder_window="clip", **common)
+    assert clip.encoder.identity.endswith(":window-clip")
+    loaded = read_training_checkpoint(_save_stage(clip, tmp_path / "clip.ckpt"))
+    assert loaded.encoder.identity == clip.encoder.identity
+    assert loaded.origin["encoder_window"] == "clip"
+    export_model(loaded, tmp_path / "export", copy_frozen=False)
+    assert load_exported(tmp_path / "export").encoder.identity == clip.encoder.identity
+    full = Stage1(str(folder), **common)
+    old = torch.load(_save_stage(full, tmp_path / "full.ckpt"), weights_only=False)
+    del old["hyper_parameters"]["encoder_window"]
+    torch.save(old, tmp_path / "old.ckpt")
+    assert read_training_checkpoint(tmp_path / "old.ckpt").encoder.identity == full.encoder.identity
+
+
+def test_cache_features_takes_the_window_from_the_stage_config(
+    saved, tiny_corpus: Path, tmp_path: Path, capsys
+) -> None:
+    """``slit cache-features`` reads model.encoder_window as the stage would (or --encoder_window)
+    and caches under the matching identity, apart from the full window's features."""
+    from slit_lightning.cli.main import main
+
+    folder, _ = saved("whisper")
+    config = tmp_path / "stage.yaml"
+    config.write_text(
+        "model:\n  class_path: slit_lightning.stages.Stage1\n  init_args:\n"
+        f"    encoder: {folder}\n    bert: unused\n    encoder_window: clip\n"
+    )
+    data = ["--data.root", str(tiny_corpus), "--data.num_workers", "0", "--data.max_seconds", "1"]
+    cache = ["--data.feature_cache", str(tmp_path / "features"), "--splits", "[val]", "--quiet"]
+    main(["cache-features", "--config", str(config), *data, *cache])
+    assert ":window-clip in " in capsys.readouterr().out
+    main(["cache-features", "--config", str(config), *data, *cache, "--encoder_window", "full"])
+    assert ":window-clip" not in capsys.readouterr().out
+    assert len(list((tmp_path / "features").glob("*/val.*.f16"))) == 2

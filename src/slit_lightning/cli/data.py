@@ -214,6 +214,8 @@ def cache_parser() -> Any:
     parser.add_argument("--encoder", type=str | None, default=None, help="default: model.encoder")
     parser.add_argument("--encoder_layer", type=int | None, default=None,
                         help="default: model.encoder_layer, else -1")  # fmt: skip
+    parser.add_argument("--encoder_window", type=str | None, default=None,
+                        help="full or clip (Whisper); default: model.encoder_window, else full")  # fmt: skip
     parser.add_argument("--splits", type=list[str], default=["train", "val", "test", "zeroshot"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
@@ -237,6 +239,7 @@ def cache_command(argv: list[str]) -> None:
     model = cfg.model.init_args.as_dict() if cfg.model else {}
     encoder_name = cfg.encoder or model.get("encoder")
     layer = cfg.encoder_layer if cfg.encoder_layer is not None else model.get("encoder_layer", -1)
+    window = cfg.encoder_window or model.get("encoder_window", "full")
     if not encoder_name:
         raise DataConfigError("slit cache-features: give --encoder or a config with model.encoder")
     if not cfg.data.feature_cache:
@@ -244,7 +247,8 @@ def cache_command(argv: list[str]) -> None:
     dm = AudioTextDataModule(**cfg.data)
     dm.setup()
     splits = [s for s in cfg.splits if dm.sources.get(s)]
-    encoder = HFAudioEncoder.from_pretrained(encoder_name, layer=layer).to(cfg.device)
+    encoder = HFAudioEncoder.from_pretrained(encoder_name, layer=layer, window=window)
+    encoder = encoder.to(cfg.device)
     with progress.bar("caching features", quiet=cfg.quiet, unit="batches") as tick:
         counts = write_feature_cache(encoder, dm, splits, cfg.data.feature_cache, progress=tick)
     for split, c in counts.items():

@@ -6,7 +6,10 @@ transformers audio model with its own feature extractor; ``HFAudioEncoder.from_p
 
 - ``whisper``: the encoder only (decoder weights are never loaded); the extractor pads every clip to
   its 30 s window (3000 mel frames, which the encoder insists on) and the output, 1500 frames at one
-  per 20 ms, is masked back to the clip's real length.
+  per 20 ms, is masked back to the clip's real length. With ``window="clip"`` the encoder instead
+  runs on each clip's own length (its mel frames cut after the clip, the position embeddings cut
+  to match), clips of equal length batched together: less work on short clips, slightly
+  different features (see :class:`_WhisperEncoder`).
 - ``audio-spectrogram-transformer`` (AST): patch tokens minus [CLS]/distillation, averaged over
   frequency patches into one frame per time patch (10 Hz); the extractor pads to 1024 mel frames.
 - ``clap`` / ``clap_audio_model``: the HTS-AT audio tower only, its time-folded output unfolded into
@@ -39,6 +42,7 @@ from slit_lightning.errors import SLITError
 from slit_lightning.model.small_encoder import SMALL_MODEL_TYPE, SmallAudioConfig, SmallAudioModel
 
 __all__ = [
+    "WINDOWS",
     "AudioEncoder",
     "EncoderConfigError",
     "HFAudioEncoder",
@@ -53,6 +57,9 @@ __all__ = [
 _NO_MASKING = ("data2vec-audio",)
 # Weights some checkpoints omit that frozen inference never uses (wav2vec2's masking vector).
 _UNUSED_WEIGHTS = ("masked_spec_embed",)
+#: How much audio an encoder with a fixed window sees: ``"full"`` its whole window, the clip
+#: padded (the model as trained); ``"clip"`` only the clip's own length (Whisper only).
+WINDOWS = ("full", "clip")
 
 
 class EncoderConfigError(SLITError, ValueError):
@@ -149,17 +156,27 @@ class HFAudioEncoder(AudioEncoder):
         feature_extractor: its transformers feature extractor (None for ``slit_small_audio``).
         layer: which hidden state: -1 the last (after the final norm), -2 the penultimate, ...
         frozen: freeze the encoder (see :class:`AudioEncoder`).
+        window: ``"full"`` (default) or ``"clip"``, one of :data:`WINDOWS`; only families
+            listed in :attr:`windows` accept ``"clip"``.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     needs_extractor: ClassVar[bool] = True
+    #: the ``window`` settings this family supports
+    windows: ClassVar[tuple[str, ...]] = ("full",)
 
     def __init__(
-        self, model: nn.Module, feature_extractor: Any, layer: int = -1, frozen: bool = True
+        self,
+        model: nn.Module,
+        feature_extractor: Any,
+        layer: int = -1,
+        frozen: bool = True,
+        window: str = "full",
     ) -> None:
         super().__init__(frozen)
         self.model, self.feature_extractor = model, feature_extractor
         self.model_type: str = model.config.model_type
+        self.window = _check_window(window, self.windows, self.model_type)
         if self.needs_extractor and feature_extractor is None:
             raise EncoderConfigError(
                 f"a {self.model_type} encoder needs its feature extractor (preprocessor_config.json)"
@@ -185,6 +202,7 @@ class HFAudioEncoder(AudioEncoder):
         dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
         frozen: bool = True,
+        window: str = "full",
     ) -> HFAudioEncoder:
         """Load an encoder and its feature extractor with transformers' own ``from_pretrained``.
 
@@ -194,20 +212,30 @@ class HFAudioEncoder(AudioEncoder):
             dtype: weights dtype (``torch.bfloat16``, ``"float16"``...); features come out float32.
             trust_remote_code: passed to transformers (custom code from the hub).
             frozen: freeze the encoder.
+            window: ``"full"`` pads each clip to a fixed-window model's window (as trained);
+                ``"clip"`` (Whisper only) runs the encoder on the clip's own length.
         """
-        family = _family(_model_type(name_or_path, trust_remote_code), name_or_path)
+        model_type = _model_type(name_or_path, trust_remote_code)
+        family = _family(model_type, name_or_path)
+        _check_window(window, family.windows, model_type)  # before loading any weights
         with _quiet_transformers():
             model = family.load_model(name_or_path, dtype, trust_remote_code)
             extractor = family.load_extractor(name_or_path, trust_remote_code)
-        return family(model, extractor, layer=layer, frozen=frozen)
+        return family(model, extractor, layer=layer, frozen=frozen, window=window)
 
     @classmethod
     def from_model(
-        cls, model: nn.Module, feature_extractor: Any = None, layer: int = -1, frozen: bool = True
+        cls,
+        model: nn.Module,
+        feature_extractor: Any = None,
+        layer: int = -1,
+        frozen: bool = True,
+        window: str = "full",
     ) -> HFAudioEncoder:
         """Wrap a model already built (e.g. from a tiny config); dispatches on its model_type."""
         family = _family(model.config.model_type, type(model).__name__)
-        return family(family.unwrap(model), feature_extractor, layer=layer, frozen=frozen)
+        unwrapped = family.unwrap(model)
+        return family(unwrapped, feature_extractor, layer=layer, frozen=frozen, window=window)
 
     @classmethod
     def load_model(cls, name: str, dtype: Any, trust_remote_code: bool) -> nn.Module:
@@ -247,10 +275,14 @@ class HFAudioEncoder(AudioEncoder):
 
     @property
     def identity(self) -> str:
-        """``model_type:digest:layer:rate``; the digest covers weights and feature settings."""
+        """``model_type:digest:layer:rate``, plus ``:window-clip`` when not the full window (the
+        default's identity stays what it always was, so caches already written stay valid); the
+        digest covers weights and feature settings."""
         if self._identity is None:
             digest = _digest(self.model, self.feature_extractor)
             self._identity = f"{self.model_type}:{digest}:layer{self.index}:{self.sample_rate}Hz"
+            if self.window != "full":
+                self._identity += f":window-{self.window}"
         return self._identity
 
     @property
@@ -308,6 +340,20 @@ class HFAudioEncoder(AudioEncoder):
         return prefix_mask(valid, frames).to(self.device)
 
 
+def _check_window(window: str, supported: tuple[str, ...], model_type: str) -> str:
+    """``window`` if this family supports it, else a clear :class:`EncoderConfigError`."""
+    if window not in WINDOWS:
+        raise EncoderConfigError(
+            f"encoder window={window!r} is not one of {', '.join(map(repr, WINDOWS))}"
+        )
+    if window not in supported:
+        raise EncoderConfigError(
+            f"a {model_type} encoder supports window={', '.join(map(repr, supported))} only;"
+            f" window={window!r} is for Whisper"
+        )
+    return window
+
+
 def _layer_index(layer: int, count: int, model_type: str) -> int:
     if not -count <= layer < count:
         raise EncoderConfigError(
@@ -321,7 +367,22 @@ def _layer_index(layer: int, count: int, model_type: str) -> int:
 
 
 class _WhisperEncoder(HFAudioEncoder):
+    """Whisper's encoder; ``window="full"`` runs transformers' own forward on the padded 30 s
+    window, ``window="clip"`` runs the same submodules on each clip's own length.
+
+    transformers' ``WhisperEncoder.forward`` refuses any input but the full window, so the own-length
+    path calls the module's own pieces (``conv1``, ``conv2``, ``embed_positions``, ``layers``,
+    ``layer_norm``) in the order its forward does, with the position embeddings cut to the clip's
+    frames. Whisper attends over every frame without a mask, so padding a short clip to its
+    batch's longest would change its frames: clips are instead grouped by their own length and
+    each group runs unpadded, which keeps a clip's frames independent of its batch-mates (the
+    feature cache relies on it). Mostly one group per batch when the data crops clips to one
+    length. The features differ slightly from the padded run's: a clip's frames no longer attend
+    to the silence after it, and the convolutions see zeros at the cut.
+    """
+
     model_types = ("whisper",)
+    windows = WINDOWS
 
     def window_seconds(self) -> float:
         return float(self.feature_extractor.chunk_length)  # 30 s for every released Whisper
@@ -347,12 +408,52 @@ class _WhisperEncoder(HFAudioEncoder):
     def encode(self, wave: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         fe = self.feature_extractor
         arrays, lengths = self.clips(wave, mask)
-        # Whisper's encoder only accepts the full window: pad every clip to it, mask afterwards.
+        # The mel spectrogram is always that of the padded window (its log-mel normalisation
+        # reads the whole window), so both modes see the same input frames.
         feats = self.extract(
             arrays, padding="max_length", return_tensors="pt", device=str(self.device)
         )
+        if self.window == "clip":
+            return self._own_length(feats.input_features, lengths)
+        # Whisper's own forward only accepts the full window: every clip padded, masked afterwards.
         hidden = self.run(input_features=feats.input_features)
         return hidden, self.windowed_mask(lengths, hidden.shape[1], fe.n_samples)
+
+    def _own_length(self, mel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Each clip on its own length: mel ``(B, n_mels, 3000)`` -> ``(B, T, D)`` and mask.
+
+        A clip keeps the frames the padded run marks real (one per ``stride`` mel frames, where
+        ``stride`` is the conv stack's), so ``T`` is the batch's longest clip's; clips with the
+        same frame count run together, unpadded, and the rest is zero-filled.
+        """
+        full = self.model.config.max_source_positions
+        stride = self.model.conv1.stride[0] * self.model.conv2.stride[0]
+        valid = self.windowed_mask(lengths, full, self.feature_extractor.n_samples).sum(-1).cpu()
+        parts: list[Tensor] = [mel.new_empty(0)] * len(valid)
+        for n in valid.unique().tolist():
+            rows = (valid == n).nonzero().flatten().tolist()
+            hidden = self._forward_cut(mel[rows, :, : n * stride])
+            for j, b in enumerate(rows):
+                parts[b] = hidden[j : j + 1]
+        return _pad_stack(parts), prefix_mask(valid.to(self.device), int(valid.max()))
+
+    def _forward_cut(self, mel: Tensor) -> Tensor:
+        """The encoder's forward on ``(B, n_mels, 2 * T)`` mel frames, any ``T`` up to its
+        window: the chosen hidden state ``(B, T, D)``.
+
+        Mirrors ``WhisperEncoder.forward`` (conv stem, positions, layers, final norm) with the
+        position embeddings cut to ``T``; hidden state ``i`` is the output of layer ``i`` (0: the
+        embeddings), the last one after the final norm, as in ``output_hidden_states``. Layer
+        drop (``encoder_layerdrop``, 0 in released Whisper) is not applied.
+        """
+        m = self.model
+        x = mel.to(self.device, self.dtype)
+        x = nn.functional.gelu(m.conv2(nn.functional.gelu(m.conv1(x)))).permute(0, 2, 1)
+        x = x + m.embed_positions.weight[: x.shape[1]]
+        x = nn.functional.dropout(x, p=m.dropout, training=m.training)
+        for layer in m.layers[: self.index]:
+            x = layer(x, None)
+        return m.layer_norm(x) if self.last else x
 
 
 class _ASTEncoder(HFAudioEncoder):

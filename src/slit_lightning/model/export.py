@@ -171,6 +171,7 @@ def _config_and_state(
         "encoder": {
             "identity": model.encoder.identity,
             "layer": model.origin.get("encoder_layer", -1),
+            "window": model.origin.get("encoder_window", "full"),
         },
     }
     state: dict[str, torch.Tensor] = {}
@@ -240,7 +241,9 @@ def load_exported(folder: str | Path, device: str = "cpu") -> SLITParts:
     folder = Path(folder)
     config = read_config(folder)
     enc = config["encoder"]
-    encoder = HFAudioEncoder.from_pretrained(_where(folder, enc), layer=enc["layer"])
+    # exports from before the window setting ran the full window
+    window = enc.get("window", "full")
+    encoder = HFAudioEncoder.from_pretrained(_where(folder, enc), layer=enc["layer"], window=window)
     _same("encoder", encoder.identity, enc["identity"], folder)
     state = _read_weights(folder / WEIGHTS)
     tokenizer = None
@@ -253,7 +256,12 @@ def load_exported(folder: str | Path, device: str = "cpu") -> SLITParts:
         generator = _load_generator(
             folder, config["generator"], _part(state, "generator."), tokenizer
         )
-    origin = {"source": str(folder), "encoder": _where(folder, enc), "encoder_layer": enc["layer"]}
+    origin = {
+        "source": str(folder),
+        "encoder": _where(folder, enc),
+        "encoder_layer": enc["layer"],
+        "encoder_window": window,
+    }
     if generator is not None:
         llm = config["generator"]["llm"]
         origin |= {"llm": _where(folder, llm), "llm_dtype": llm["dtype"]}

@@ -53,12 +53,15 @@ def read_training_checkpoint(
     stage = _stage(ckpt, contents)
     hp = contents.get("hyper_parameters") or {}
     encoder_name = encoder or beside(ckpt, hp.get("encoder")) or hp["encoder"]
-    audio = HFAudioEncoder.from_pretrained(encoder_name, layer=hp.get("encoder_layer", -1))
+    # checkpoints from before encoder_window existed ran the full window
+    layer, window = hp.get("encoder_layer", -1), hp.get("encoder_window", "full")
+    audio = HFAudioEncoder.from_pretrained(encoder_name, layer=layer, window=window)
     _same_frozen(ckpt, contents, "encoder", audio.identity)
     origin: dict[str, Any] = {
         "source": str(ckpt),
         "encoder": encoder_name,
-        "encoder_layer": hp.get("encoder_layer", -1),
+        "encoder_layer": layer,
+        "encoder_window": window,
     }
     heads = generator = None
     if stage == "Stage1":

@@ -41,6 +41,10 @@ class SLITStage(LightningModule):
     Args:
         encoder: hub id or folder of the frozen audio encoder.
         encoder_layer: which hidden layer to take (-1 last, -2 penultimate).
+        encoder_window: ``"full"`` (default: each clip padded to a fixed-window encoder's window,
+            as the encoder was trained) or ``"clip"`` (Whisper only: the encoder runs on each
+            clip's own length, less work on short clips; see
+            :class:`~slit_lightning.model.encoders.HFAudioEncoder`).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (never applied to biases, norms, queries, temperature).
         warmup_steps: linear warm-up from 0 to ``lr``; then cosine decay to ``lr * min_lr_ratio``
@@ -56,6 +60,7 @@ class SLITStage(LightningModule):
         self,
         encoder: str,
         encoder_layer: int = -1,
+        encoder_window: str = "full",
         lr: float = 1e-4,
         weight_decay: float = 0.05,
         warmup_steps: int = 200,
@@ -66,7 +71,9 @@ class SLITStage(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # the stage's own call merges its arguments into these
-        self.encoder: AudioEncoder = HFAudioEncoder.from_pretrained(encoder, layer=encoder_layer)
+        self.encoder: AudioEncoder = HFAudioEncoder.from_pretrained(
+            encoder, layer=encoder_layer, window=encoder_window
+        )
 
     # ------------------------------------------------------------------ pieces for the stages
 
