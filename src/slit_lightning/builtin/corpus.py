@@ -21,6 +21,10 @@ A manifest row is ``{"id", "audio", "captions" (5), "labels", "qa", "events", "b
 
 The ``zeroshot`` split holds event pairs that never occur together in train/val/test, and its
 captions use wordings that no other caption uses. Same arguments, byte-identical files.
+
+With ``speech=True`` some clips also hold a spoken phrase (:mod:`slit_lightning.builtin.speech`):
+an event of type ``"speech"`` with ``text``, ``language``, ``voice`` (e.g. "female US English"),
+``voice_id`` (the eSpeak NG voice), ``speaker`` ("female"/"male") and ``words_per_minute``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import soundfile as sf
 
 from slit_lightning.atomic import write_file_atomic
 from slit_lightning.builtin import corpus_text as synth_text
-from slit_lightning.builtin.corpus_text import EVENT_LABELS
+from slit_lightning.builtin.corpus_text import EVENT_LABELS, SPEECH_LABEL
 from slit_lightning.data.sources import DataConfigError
 
 GENERATOR_VERSION = "slit-synth-1"
@@ -54,6 +58,8 @@ N_HELDOUT_PAIRS = 6
 _SCENE_STREAM = len(SPLITS)  # random stream of render_scenes: past the splits', never a corpus clip
 _PEAK = 10 ** (-1 / 20)  # mixes louder than -1 dBFS are scaled down to it
 _VOWELS = {"ah": (730, 1090, 2440), "ee": (270, 2290, 3010), "oo": (300, 870, 2240)}  # formants, Hz
+SPEECH_SHARE = 0.5  # of the clips, with speech=True, that get a spoken phrase (if it fits)
+_SPEECH_STREAM = 1_000_003  # last entropy word of a clip's speech stream (never a clip index)
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class _Settings:
     sample_rate: int
     clip_seconds: float
     audio_format: str
+    speech: bool = False
 
 
 def split_sizes(clips: int, train_clips: int | None = None) -> dict[str, int]:
@@ -120,6 +127,7 @@ def synthesize_corpus(
     audio_format: str = "flac",
     progress: Callable[[int, int], None] | None = None,
     train_clips: int | None = None,
+    speech: bool = False,
 ) -> dict[str, int]:
     """Write the built-in audio-caption corpus into ``out_dir``.
 
@@ -135,6 +143,14 @@ def synthesize_corpus(
             zeroshot keep their 10 % of ``clips``). Every clip is a function of the seed, its
             split and its index, so a larger train split holds the smaller one's clips first, and
             the other splits are the same clips whatever the train split's size.
+        speech: add a spoken phrase (eSpeak NG) to about half of the clips, as one more
+            foreground event of type "speech" between the others: a short everyday phrase in
+            English, French, German or Spanish, by a male or female voice, at one of a few
+            speeds (see :mod:`slit_lightning.builtin.speech`). The choices come from a random
+            stream of their own, so a clip that gets no phrase is byte-identical to the clip
+            without ``speech``, and one that does keeps its other events' types, counts,
+            registers and loudness (their timing, and so their samples, make room for the
+            phrase). A clip too short for the phrases drawn for it gets none.
 
     Returns:
         ``{split: number of clips written}``.
@@ -148,7 +164,11 @@ def synthesize_corpus(
         raise DataConfigError(
             f"train_clips must be a positive integer or None; got {train_clips!r}"
         )
-    settings = _Settings(int(seed), int(sample_rate), float(clip_seconds), audio_format)
+    if not isinstance(speech, (bool, np.bool_)):
+        raise DataConfigError(f"speech must be True or False; got {speech!r}")
+    settings = _Settings(
+        int(seed), int(sample_rate), float(clip_seconds), audio_format, speech=bool(speech)
+    )
     out, pairs = Path(out_dir), heldout_pairs(int(seed))
     sizes = split_sizes(int(clips), None if train_clips is None else int(train_clips))
     total = sum(sizes.values())
@@ -173,7 +193,7 @@ def synthesize_corpus(
 def _metadata(
     settings: _Settings, sizes: dict[str, int], pairs: list[tuple[str, str]]
 ) -> dict[str, Any]:
-    return {
+    meta = {
         "generator": "slit_lightning.builtin.corpus",
         "version": GENERATOR_VERSION,
         "seed": settings.seed,
@@ -182,12 +202,17 @@ def _metadata(
         "audio_format": settings.audio_format,
         "splits": sizes,
         "event_labels": list(EVENT_LABELS),
-        "wordings": synth_text.wording_table(),
+        "wordings": synth_text.wording_table(speech=settings.speech),
         "heldout_pairs": [list(p) for p in pairs],
         "loudness_db": LOUDNESS_DB,
         "impulse_peak_offset_db": IMPULSE_PEAK_OFFSET_DB,
         "background_db": BACKGROUND_DB,
     }
+    if settings.speech:
+        from slit_lightning.builtin import speech
+
+        meta["speech"] = speech.description(SPEECH_SHARE)
+    return meta
 
 
 def render_scenes(
@@ -234,6 +259,15 @@ def _make_clip(
     seeds = np.random.SeedSequence([settings.seed, SPLITS.index(split), index]).spawn(3)
     plan_rng, audio_rng, text_rng = (np.random.default_rng(s) for s in seeds)
     events, background = _plan_scene(plan_rng, split, pairs, settings.clip_seconds)
+    if settings.speech:
+        speech_seed = [settings.seed, SPLITS.index(split), index, _SPEECH_STREAM]
+        speech_rng = np.random.default_rng(speech_seed)
+
+        def replan(reserve: tuple[int, float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            rng = np.random.default_rng(seeds[0])  # the plan stream again, from its start
+            return _plan_scene(rng, split, pairs, settings.clip_seconds, reserve)
+
+        events, background = _add_speech(events, background, speech_rng, replan, settings)
     audio = _render_scene(events, background, audio_rng, settings)
     clip_id = f"{split}-{index:06d}"
     rel = f"audio/{split}/{clip_id}.{settings.audio_format}"
@@ -296,10 +330,25 @@ def _event_facts(rng: np.random.Generator, kind: str, longest: float, bed: bool)
     }  # fmt: skip
 
 
+def _span(seconds: float, bed: bool) -> tuple[float, float]:
+    """Where foreground events may sound, in seconds: later in with a bed that fades in first."""
+    return (0.08 * seconds, 0.95 * seconds) if bed else (0.04 * seconds, 0.96 * seconds)
+
+
 def _plan_scene(
-    rng: np.random.Generator, split: str, pairs: list[tuple[str, str]], seconds: float
+    rng: np.random.Generator,
+    split: str,
+    pairs: list[tuple[str, str]],
+    seconds: float,
+    reserve: tuple[int, float] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Events (sorted by onset) and background of one clip, before rendering."""
+    """Events (sorted by onset) and background of one clip, before rendering.
+
+    ``reserve``: ``(position, seconds)`` keeps a gap of that length free before the foreground
+    event at ``position`` (after the last if it equals their number), for a spoken phrase. The
+    random draws are the same with or without it, so the types, counts, registers and loudness
+    are too; durations and onsets fit the smaller slots.
+    """
     types = _choose_types(rng, split, pairs, most=min(4, int(seconds / 0.5)))
     beds = [t for t in types if t in BED_TYPES]
     bed = (
@@ -309,12 +358,14 @@ def _plan_scene(
     )
     foreground = [t for t in types if t != bed]
     # Foreground events get consecutive slots, so they never overlap one another.
-    lo, hi = (0.08 * seconds, 0.95 * seconds) if bed else (0.04 * seconds, 0.96 * seconds)
-    slot = (hi - lo) / len(foreground)
+    lo, hi = _span(seconds, bed is not None)
+    at, gap = reserve if reserve is not None else (len(foreground), 0.0)
+    slot = (hi - lo - gap) / len(foreground)
     events = []
     for i, kind in enumerate(foreground):
         event = _event_facts(rng, kind, 0.8 * slot, bed=False)
-        event["onset"] = lo + i * slot + float(rng.uniform(0.05 * slot, slot - event["duration"]))
+        start = lo + i * slot + (gap if i >= at else 0.0)
+        event["onset"] = start + float(rng.uniform(0.05 * slot, slot - event["duration"]))
         events.append(event)
     if bed is not None:
         event = _event_facts(rng, bed, seconds, bed=True)
@@ -360,12 +411,46 @@ def _render_scene(
 
 def _render_event(event: dict[str, Any], n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
     """One event's waveform at its loudness; records its sound parameters and levels in ``event``."""
-    signal, params = _RENDERERS[event["type"]](n, sr, event, rng)
+    if event["type"] == SPEECH_LABEL:  # no draw from ``rng``: the other events sound as without
+        from slit_lightning.builtin import speech
+
+        signal, params = speech.render(event, n, sr), {}
+    else:
+        signal, params = _RENDERERS[event["type"]](n, sr, event, rng)
     signal = _set_level(signal, sr, LOUDNESS_DB[event["loudness"]], event["type"] in IMPULSIVE)
     event["params"] = {**event["params"], **params}
     event["level_db"] = _db(_active_rms(signal, sr))
     event["peak_db"] = _db(_peak(signal))
     return signal
+
+
+def _add_speech(
+    events: list[dict[str, Any]],
+    background: dict[str, Any],
+    rng: np.random.Generator,
+    replan: Callable[[tuple[int, float]], tuple[list[dict[str, Any]], dict[str, Any]]],
+    settings: _Settings,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The clip's events with a spoken phrase among them, or as they are where it gets none.
+
+    ``rng`` is the clip's speech stream; ``replan(reserve)`` plans the clip again from its own
+    stream with a gap kept free (see :func:`_plan_scene`).
+    """
+    from slit_lightning.builtin import speech
+
+    foreground = sum(e["role"] == "foreground" for e in events)
+    bed = any(e["role"] == "background" for e in events)
+    lo, hi = _span(settings.clip_seconds, bed)
+    room = hi - lo - foreground * speech.MIN_SLOT_S
+    event = speech.plan(rng, room * speech.SLOT_FILL, settings.sample_rate, SPEECH_SHARE)
+    if event is None:
+        return events, background
+    at, gap = int(rng.integers(foreground + 1)), event["duration"] / speech.SLOT_FILL
+    events, background = replan((at, gap))
+    slot = (hi - lo - gap) / foreground
+    event["onset"] = lo + at * slot + float(rng.uniform(0.05 * gap, gap - event["duration"]))
+    events.insert(int(bed) + at, event)
+    return events, background
 
 
 def _db(x: float) -> float:

@@ -72,6 +72,21 @@ HELDOUT_WORDINGS: dict[str, tuple[Wording, ...]] = {
 
 EVENT_LABELS: tuple[str, ...] = tuple(sorted(TRAIN_WORDINGS))
 
+# A spoken phrase (``synthesize_corpus(speech=True)``) is one more event type, kept out of
+# EVENT_LABELS so that a corpus without speech is planned and worded exactly as before. Each
+# wording's form is the word a caption names it by; its template places the speaker ({s}), the
+# phrase ({t}) and the language ({l}) around it.
+SPEECH_LABEL = "speech"
+SPEECH_TRAIN_WORDINGS: tuple[Wording, ...] = (_w("speech", mass=True), _w("saying"))
+SPEECH_HELDOUT_WORDINGS: tuple[Wording, ...] = (_w("uttering"), _w("utterance"))
+_SPEECH_TEMPLATES = {
+    "speech": '{l} speech by {s}: "{t}"',
+    "saying": '{s} saying "{t}" in {l}',
+    "uttering": '{s} uttering "{t}" in {l}',
+    "utterance": 'an utterance in {l} by {s}: "{t}"',
+}
+_SPEAKER_WORDS = {"female": ("a woman", "a female speaker"), "male": ("a man", "a male speaker")}
+
 _LOUDNESS_WORDS = {"quiet": ("quiet", "soft"), "moderate": ("moderately loud",), "loud": ("loud",)}
 _REGISTER_WORDS = {
     "low": ("low", "low-pitched", "deep"),
@@ -90,8 +105,9 @@ _NOISE_CLAUSES = {
 }
 
 
-def wording_table() -> dict[str, dict[str, list[str]]]:
-    """Every surface form of every wording, ``{"train"|"heldout": {label: [forms]}}``."""
+def wording_table(speech: bool = False) -> dict[str, dict[str, list[str]]]:
+    """Every surface form of every wording, ``{"train"|"heldout": {label: [forms]}}``; with
+    ``speech``, the forms that name a spoken phrase too (under ``"speech"``)."""
 
     def forms(table: dict[str, tuple[Wording, ...]]) -> dict[str, list[str]]:
         return {
@@ -99,7 +115,12 @@ def wording_table() -> dict[str, dict[str, list[str]]]:
             for k, ws in table.items()
         }
 
-    return {"train": forms(TRAIN_WORDINGS), "heldout": forms(HELDOUT_WORDINGS)}
+    if not speech:
+        return {"train": forms(TRAIN_WORDINGS), "heldout": forms(HELDOUT_WORDINGS)}
+    return {
+        "train": forms({**TRAIN_WORDINGS, SPEECH_LABEL: SPEECH_TRAIN_WORDINGS}),
+        "heldout": forms({**HELDOUT_WORDINGS, SPEECH_LABEL: SPEECH_HELDOUT_WORDINGS}),
+    }
 
 
 def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
@@ -125,6 +146,21 @@ def _phrase(event: dict[str, Any], wording: Wording, rng: np.random.Generator) -
     if count is not None:
         return f"{COUNT_WORDS[count]} {body}"
     return body if wording.mass else f"{_article(body)} {body}"
+
+
+def _speech_phrase(event: dict[str, Any], wording: Wording, rng: np.random.Generator) -> str:
+    """Noun phrase for a spoken phrase: who says what in which language, e.g.
+    ``a woman saying "see you tomorrow" in English``."""
+    speaker = _pick(rng, _SPEAKER_WORDS[event["speaker"]])
+    template = _SPEECH_TEMPLATES[wording.one]
+    return template.format(s=speaker, t=event["text"], l=event["language"])
+
+
+def _name(event: dict[str, Any], choose: Callable[[str], Wording], rng: np.random.Generator) -> str:
+    """Noun phrase for any event, spoken phrases included."""
+    if event["type"] == SPEECH_LABEL:
+        return _speech_phrase(event, choose(SPEECH_LABEL), rng)
+    return _phrase(event, choose(event["type"]), rng)
 
 
 def _then(ps: list[str]) -> str:
@@ -185,9 +221,13 @@ def _wording_chooser(
     rng: np.random.Generator, zeroshot: bool, all_heldout: bool
 ) -> Callable[[str], Wording]:
     def choose(label: str) -> Wording:
+        speech = label == SPEECH_LABEL
+        heldout = SPEECH_HELDOUT_WORDINGS if speech else HELDOUT_WORDINGS[label]
         if all_heldout:
-            return _pick(rng, HELDOUT_WORDINGS[label])
-        pool = TRAIN_WORDINGS[label] + (HELDOUT_WORDINGS[label] if zeroshot else ())
+            return _pick(rng, heldout)
+        pool = (SPEECH_TRAIN_WORDINGS if speech else TRAIN_WORDINGS[label]) + (
+            heldout if zeroshot else ()
+        )
         return _pick(rng, pool)
 
     return choose
@@ -209,7 +249,7 @@ def captions(
     out = []
     for i, template in enumerate(rng.permutation(len(_TEMPLATES))[:5]):
         choose = _wording_chooser(rng, zeroshot, all_heldout=zeroshot and i == 0)
-        text = _TEMPLATES[template]([_phrase(e, choose(e["type"]), rng) for e in foreground])
+        text = _TEMPLATES[template]([_name(e, choose, rng) for e in foreground])
         if bed is not None:
             text += _pick(rng, _BED_CLAUSES).format(_phrase(bed, choose(bed["type"]), rng))
         if background != "none" and rng.random() < 0.6:
@@ -221,20 +261,27 @@ def captions(
 def fact_sheet(events: list[dict[str, Any]]) -> str:
     """A terse list of a clip's events, e.g. ``"Sounds: two knocks, hum, chord. Background: rumble."``
 
-    Foreground events in onset order, by canonical label, counted events with their number word;
-    the background bed (if any) after them.
+    Foreground events in onset order, by canonical label, counted events with their number word,
+    a spoken phrase with its text, language and voice; the background bed (if any) after them.
     """
     foreground = [e for e in events if e["role"] == "foreground"]
-    named = [
-        e["type"] if e["count"] is None else f"{COUNT_WORDS[e['count']]} {e['type']}"
-        for e in foreground
-    ]
+    named = [_sheet_name(e) for e in foreground]
     text = f"Sounds: {', '.join(named)}."
     bed = next((e for e in events if e["role"] == "background"), None)
     return text if bed is None else f"{text} Background: {bed['type']}."
 
 
+def _sheet_name(event: dict[str, Any]) -> str:
+    if event["type"] == SPEECH_LABEL:
+        return f'speech "{event["text"]}" ({event["language"]}, {event["voice"]})'
+    if event["count"] is None:
+        return event["type"]
+    return f"{COUNT_WORDS[event['count']]} {event['type']}"
+
+
 def _noun_for_question(label: str) -> str:
+    if label == SPEECH_LABEL:
+        return "speech"
     canonical = TRAIN_WORDINGS[label][0]
     if canonical.mass or canonical.many == label != canonical.one:
         return label
@@ -245,7 +292,8 @@ def questions(events: list[dict[str, Any]], rng: np.random.Generator) -> list[di
     """Question/answer pairs true of the clip: counts, first event, pitch register, presence.
 
     Answers: counts as digit strings ("3"), the first event as its canonical label, registers as
-    "low"/"mid"/"high", presence as "yes"/"no" (one of each per clip).
+    "low"/"mid"/"high", presence as "yes"/"no" (one of each per clip). A clip with a spoken phrase
+    also gets what is said, its language, the speaker and the sounds right before and after it.
     """
     qa: list[dict[str, str]] = []
 
@@ -266,4 +314,39 @@ def questions(events: list[dict[str, Any]], rng: np.random.Generator) -> list[di
     absent = [label for label in EVENT_LABELS if label not in present]
     add("presence", f"Does the clip contain {_noun_for_question(_pick(rng, present))}?", "yes")
     add("presence", f"Does the clip contain {_noun_for_question(_pick(rng, absent))}?", "no")
+    for e in events:
+        if e["type"] == SPEECH_LABEL:
+            qa += _speech_questions(e, [x for x in events if x["role"] == "foreground"], rng)
+    return qa
+
+
+def _speech_questions(
+    speech: dict[str, Any], foreground: list[dict[str, Any]], rng: np.random.Generator
+) -> list[dict[str, str]]:
+    """What is said, in which language, by whom, and which sounds come right before and after."""
+    said = _pick(rng, ("What is said?", "What does the speaker say?"))
+    qa = [
+        {"question": said, "answer": speech["text"], "kind": "speech_text"},
+        {
+            "question": "In which language is the speaker talking?",
+            "answer": speech["language"],
+            "kind": "speech_language",
+        },
+        {
+            "question": "Is the speaker a man or a woman?",
+            "answer": "a woman" if speech["speaker"] == "female" else "a man",
+            "kind": "speaker",
+        },
+    ]
+    at = next(i for i, e in enumerate(foreground) if e is speech)
+    if at + 1 < len(foreground):
+        question = "What comes right after the speech?"
+        qa.append(
+            {"question": question, "answer": foreground[at + 1]["type"], "kind": "after_speech"}
+        )
+    if at > 0:
+        question = "What comes right before the speech?"
+        qa.append(
+            {"question": question, "answer": foreground[at - 1]["type"], "kind": "before_speech"}
+        )
     return qa

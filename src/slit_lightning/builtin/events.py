@@ -47,7 +47,7 @@ _PHRASE_BREAK = re.compile(
 def _patterns() -> tuple[tuple[str, re.Pattern[str]], ...]:
     return tuple(
         (label, re.compile(rf"(?<![\w-]){re.escape(form)}(?![\w-])"))
-        for table in wording_table().values()
+        for table in wording_table(speech=True).values()
         for label, forms in table.items()
         for form in forms
     )

@@ -39,7 +39,13 @@ def _synth_parser() -> Any:
 
     synth = ArgumentParser(description="Write the built-in audio-caption corpus.")
     synth.add_argument("--out", required=True, help="folder to write the corpus into")
-    synth.add_function_arguments(synthesize_corpus, skip={"out_dir", "progress"})
+    synth.add_function_arguments(synthesize_corpus, skip={"out_dir", "progress", "speech"})
+    synth.add_argument(  # a plain flag (``--speech``), not jsonargparse's ``--speech true``
+        "--speech",
+        action="store_true",
+        help="add a spoken phrase (eSpeak NG: English, French, German or Spanish) to about half"
+        " of the clips, as one more foreground event of type 'speech'",
+    )
     synth.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return synth
 

@@ -40,6 +40,7 @@ def _library() -> tuple[Any, int]:
     lib.espeak_SetSynthCallback.argtypes = [_CALLBACK]
     lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
     lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
     lib.espeak_Synth.argtypes = [
         ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
         ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
@@ -72,3 +73,49 @@ def speak(text: str, voice: str = "en-us", words_per_minute: int = 150) -> tuple
     if code != 0 or not chunks:
         raise WeightsImportError(f"eSpeak NG synthesis failed (code {code}) for {text!r}")
     return np.concatenate(chunks).astype(np.float32) / 32768.0, rate
+
+
+_CHILD = """
+import sys
+import numpy as np
+from slit_lightning.weights.espeak import _library, speak
+_library()[0].espeak_ng_SetRandSeed(int(sys.argv[4]))  # breathy voices draw random numbers
+wave, rate = speak(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+sys.stdout.buffer.write(np.int32(rate).tobytes() + wave.astype(np.float32).tobytes())
+"""
+
+
+def speak_isolated(
+    text: str, voice: str = "en-us", words_per_minute: int = 150, seed: int = 0
+) -> tuple[np.ndarray, int]:
+    """:func:`speak` in a fresh Python process, its random numbers seeded with ``seed``: the same
+    arguments give the same samples.
+
+    eSpeak NG keeps synthesis state (pitch flutter, the random numbers of breathy voices) from one
+    utterance to the next inside a process, and restarting the library does not reset it, so the
+    same call in one process gives slightly different samples each time; breathy voices (the
+    female variants) also draw from a random generator seeded from the clock. The first utterance
+    of a fresh process with a fixed seed is always the same, which is what a seeded corpus needs.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import slit_lightning
+
+    root = str(Path(slit_lightning.__file__).resolve().parents[1])
+    paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, text, voice, str(int(words_per_minute)), str(int(seed))],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0 or len(done.stdout) < 8:
+        raise WeightsImportError(
+            f"eSpeak NG synthesis of {text!r} ({voice}) failed: {done.stderr.decode()[-500:]}"
+        )
+    rate = int(np.frombuffer(done.stdout[:4], dtype=np.int32)[0])
+    return np.frombuffer(done.stdout[4:], dtype=np.float32).copy(), rate
