@@ -55,7 +55,7 @@ def is_complete(folder: str | Path) -> bool:
 def bootstrap_encoder(
     corpus_dir: str | Path,
     out_dir: str | Path,
-    epochs: int = 8,
+    epochs: int = 7,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     config: SmallAudioConfig | None = None,
@@ -65,7 +65,7 @@ def bootstrap_encoder(
     extra_scenes: int | None = None,
     crop_seconds: float | None = None,
     count_scenes: int | None = None,
-    count_steps: int = 1000,
+    count_steps: int = 800,
 ) -> dict[str, Any]:
     """Pre-train :class:`SmallAudioModel` on ``corpus_dir`` as a multi-label tagger, then train its
     count readout (when the config has ``count_types``) with the trunk frozen; save the model.
