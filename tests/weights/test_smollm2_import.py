@@ -37,6 +37,7 @@ from slit_lightning.weights.smollm2 import (
     standard_model,
     verify_sha256,
 )
+from tests.conftest import installed
 
 TEXTS = [
     "<|im_start|>user\nHow many beeps are there?<|im_end|>\n<|im_start|>assistant\nThree.<|im_end|>",
@@ -287,9 +288,7 @@ def test_tiny_gguf_tokenizer_matches_the_original_with_its_chat_template(tiny: t
 
 @pytest.mark.slow
 def test_real_smollm2_imports_and_writes_english(tmp_path: Path) -> None:
-    try:
-        metadata.distribution(smollm2.DISTRIBUTION)
-    except metadata.PackageNotFoundError:
+    if not installed(smollm2.DISTRIBUTION):
         pytest.skip(f"{smollm2.DISTRIBUTION} is not installed ({smollm2.INSTALL_WHEEL})")
     torch.set_num_threads(2)
     out = import_smollm2(tmp_path / "smollm2")

