@@ -8,7 +8,7 @@ import torch
 from slit_lightning import SLIT
 from slit_lightning.data.audio import AudioError, crop, load_audio, pad_batch
 from slit_lightning.model.slit import CapabilityError, Classification, scores
-from slit_lightning.stages.load import load_stage, load_stage2
+from slit_lightning.stages.load import load_stage
 from tests.conftest import write_tone
 
 
@@ -99,7 +99,7 @@ def test_methods_a_checkpoint_cannot_serve_name_the_one_that_can(stage1_model, s
 def test_captions_and_answers_are_those_of_the_stage_module(stage, stage_checkpoints, clips):
     path = stage_checkpoints[stage]
     model = SLIT.from_pretrained(path, device="cpu")
-    module = load_stage2(path)
+    module = load_stage(path)
     captions = model.caption(clips)
     with torch.no_grad():  # the stage module itself, as training and `slit eval` run it
         assert captions == module.caption(stage_batch(module, clips, 1.0))

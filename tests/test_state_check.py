@@ -13,7 +13,7 @@ from slit_lightning.model.export import ExportError
 from slit_lightning.model.slit import SLIT
 from slit_lightning.model.state import CheckpointError, check_state, read_checkpoint
 from slit_lightning.stages import Instruct, Stage1, Stage2
-from slit_lightning.stages.load import load_stage, load_stage2
+from slit_lightning.stages.load import load_stage
 
 SIZES = {"num_queries": 4, "qformer_layers": 2}
 
@@ -103,7 +103,7 @@ def test_damaged_pickled_and_foreign_files_are_refused(stage_checkpoints, tmp_pa
     assert not marker.exists()  # the object was never unpickled
     torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
     with pytest.raises(CheckpointError, match="no state_dict"):
-        load_stage2(tmp_path / "tensor.ckpt")
+        load_stage(tmp_path / "tensor.ckpt")
     with pytest.raises(SystemExit, match="^slit: .*trap.ckpt holds a pickled object"):
         main(["caption", str(tmp_path / "x.wav"), "--ckpt", str(tmp_path / "trap.ckpt")])
 

@@ -191,3 +191,5 @@ def test_validation_asks_choose_from_the_splits_labels_as_slit_eval_does(
     choose = json.loads((tmp_path / "val_answers.json").read_text())["answers"]
     assert len(choose) == 3 and all(row["task"] == "choose" for row in choose)
     assert "val/choose_accuracy" in trainer.callback_metrics
+    dm.sources["val"] = []  # the label set was read once and is kept: no second pass
+    assert dm.labels("val") == ["beeps", "hum", "siren"]

@@ -5,7 +5,6 @@ the checkpoint, and a fit or test ends by printing its figures."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 import slit_lightning.stages  # noqa: F401  (lets `--model Stage1` name the stage classes)
+from slit_lightning.atomic import write_json_atomic
 from slit_lightning.data.datamodule import AudioTextDataModule
 
 
@@ -135,4 +135,4 @@ def _write_metrics(trainer: Trainer, split: str) -> None:
     if trainer.is_global_zero and metrics and trainer.log_dir:
         path = Path(trainer.log_dir) / f"{split}_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+        write_json_atomic(path, metrics)

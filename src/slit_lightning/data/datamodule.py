@@ -316,6 +316,7 @@ class AudioTextDataModule(LightningDataModule):
         given = {"train": train, "val": val, "test": test, "zeroshot": zeroshot}
         self.specs = {split: self._specs(split, given[split]) for split in SPLITS}
         self.sources: dict[str, list[Source]] = {}
+        self._labels: dict[str, list[str]] = {}  # per split, read once (a pass over its records)
         self.ledgers = {split: SkipLedger(max_skip_fraction) for split in SPLITS}
         self._epochs = dict.fromkeys(SPLITS, 0)
         self.features: dict[str, FeatureSplit] = {}
@@ -414,14 +415,17 @@ class AudioTextDataModule(LightningDataModule):
 
     def labels(self, split: str) -> list[str]:
         """Every class label of ``split``'s records, sorted (read from the sources; no audio is
-        decoded): the label set classification and ``choose`` are scored against."""
-        self.setup()
-        found: set[str] = set()
-        for source in self.sources.get(split, []):
-            for unit in range(source.num_units):
-                for record in source.iter_unit(unit):
-                    found.update(getattr(record, "labels", ()))
-        return sorted(found)
+        decoded): the label set classification and ``choose`` are scored against. Read once per
+        split: every validation of instruction tuning asks for it, and a pass over shards is long."""
+        if split not in self._labels:
+            self.setup()
+            found: set[str] = set()
+            for source in self.sources.get(split, []):
+                for unit in range(source.num_units):
+                    for record in source.iter_unit(unit):
+                        found.update(getattr(record, "labels", ()))
+            self._labels[split] = sorted(found)
+        return list(self._labels[split])
 
     def loader(self, split: Split, audio_samples: int | None = None) -> StreamLoader:
         """A DataLoader for ``split`` (what the ``*_dataloader`` hooks return)."""

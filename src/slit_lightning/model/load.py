@@ -89,12 +89,6 @@ def read_training_checkpoint(
     return parts.to(device)
 
 
-def training_crop_seconds(ckpt: str | Path) -> float | None:
-    """The ``data.max_seconds`` a checkpoint was trained with (None when it did not record it)."""
-    data = read_checkpoint(ckpt).get("datamodule_hyper_parameters") or {}
-    return data.get("max_seconds")
-
-
 def beside(ckpt: str | Path, stored: Any) -> str | None:
     """``stored``, a frozen model's relative path that does not exist from the working directory,
     found from one of the checkpoint's parent folders instead (runs keep their checkpoints under

@@ -43,18 +43,3 @@ def load_stage(
             overrides["llm"] = llm
     model = cls.load_from_checkpoint(ckpt, map_location=device, weights_only=True, **overrides)
     return model.eval()
-
-
-def load_stage2(
-    ckpt: str | Path, device: str = "cpu", encoder: str | None = None, llm: str | None = None
-) -> Stage2:
-    """A stage-2 or instruction-tuned checkpoint (what can caption and answer), in eval mode."""
-    stage = stage_of(read_checkpoint(ckpt))
-    if stage not in ("Stage2", "Instruct"):
-        raise CheckpointError(
-            f"{ckpt} is not a stage-2 checkpoint (it is {stage or 'of no known stage'}, with no"
-            " LLM): captions and answers need a stage-2 or instruction-tuned checkpoint"
-        )
-    model = load_stage(ckpt, device, encoder, llm)
-    assert isinstance(model, Stage2)
-    return model
